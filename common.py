@@ -1,0 +1,422 @@
+"""Data and evaluation shared by the five method files: datasets, MIM augmentations, resumable
+distributed loaders, and the frozen-feature probe (linear head sweep + weighted kNN).
+
+Nothing here knows about a method; each method file imports only this module.
+"""
+import gzip
+import math
+import os
+import struct
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import datasets, transforms as T
+
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# name -> (native image size, classes, (mean, std))
+DATASETS = {
+    "synthetic": (32, 10, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))),
+    "fashion-mnist": (32, 10, ((0.286,) * 3, (0.353,) * 3)),
+    "cifar10": (32, 10, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+    "cifar100": (32, 100, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+    "stl10": (96, 10, IMAGENET_STATS),
+    "tiny-imagenet": (64, 200, IMAGENET_STATS),
+    "imagenet": (224, 1000, IMAGENET_STATS),
+    "folder": (224, 0, IMAGENET_STATS),
+}
+
+
+def die(msg):
+    """A one-line error for the user instead of a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------
+# Datasets
+
+class Synthetic(torch.utils.data.Dataset):
+    """Procedural class-structured images, deterministic from (seed, index), nothing on disk.
+    A class fixes a shape family, an orientation and a hue range; position, scale, colours and noise
+    vary per image, so raw pixels carry the class but not trivially."""
+
+    def __init__(self, n=2000, img_size=32, num_classes=10, seed=0):
+        self.n, self.size, self.C, self.seed = n, img_size, num_classes, seed
+        self.targets = [i % num_classes for i in range(n)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        c, s = self.targets[i], self.size
+        g = np.random.default_rng([self.seed, i])
+        yy, xx = np.mgrid[0:s, 0:s] / s - 0.5                     # (s, s) in [-0.5, 0.5)
+        cy, cx = g.uniform(-0.2, 0.2, 2)
+        r = g.uniform(0.15, 0.35)
+        ang = math.pi * (c % 5) / 5 + g.normal(0, 0.1)           # class-dependent orientation
+        u = (xx - cx) * math.cos(ang) + (yy - cy) * math.sin(ang)
+        v = -(xx - cx) * math.sin(ang) + (yy - cy) * math.cos(ang)
+        kind = c % 5
+        if kind == 0:   shape = (u ** 2 + v ** 2) < r ** 2                        # disc
+        elif kind == 1: shape = (abs(u) < r) & (abs(v) < r * 0.5)                # bar
+        elif kind == 2: shape = abs(np.sqrt(u ** 2 + v ** 2) - r) < 0.06          # ring
+        elif kind == 3: shape = (np.sin(u * 40 / (1 + r)) > 0) & (abs(v) < r)    # grating
+        else:           shape = (abs(u) < 0.05) | (abs(v) < 0.05)                 # cross
+        shape = shape & ((u ** 2 + v ** 2) < 0.2) if kind == 4 else shape
+        hue = (c // 5) / max(1, (self.C + 4) // 5) + g.uniform(-0.08, 0.08)      # class-dependent hue
+        fg = 0.5 + 0.45 * np.cos(2 * math.pi * (hue + np.array([0, 1 / 3, 2 / 3])))
+        bg = g.uniform(0, 1, 3) * 0.5
+        img = np.where(shape[..., None], fg, bg) + g.normal(0, 0.08, (s, s, 3))  # (s, s, 3)
+        img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+        return Image.fromarray(img), c
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """uint8 images (n, H, W) or (n, H, W, 3) + labels as a dataset of RGB PIL images."""
+
+    def __init__(self, images, labels):
+        self.images, self.targets = images, [int(y) for y in labels]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        im = Image.fromarray(self.images[i])
+        return im.convert("RGB"), self.targets[i]
+
+
+def read_idx(path):
+    """Reads an IDX file (the MNIST format), gzipped or not, into a numpy array."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        die(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(root, train):
+    """Fashion-MNIST from its IDX .gz files; grey -> 3 channels, 28 -> 32 px by zero padding."""
+    prefix = "train" if train else "t10k"
+    for d in [root, os.path.join(root, "fashion-mnist"), FASHION_MNIST_SYSTEM_DIR]:
+        for ext in (".gz", ""):
+            img, lab = (os.path.join(d, f"{prefix}-{k}-idx{n}-ubyte{ext}") for k, n in (("images", 3), ("labels", 1)))
+            if os.path.isfile(img) and os.path.isfile(lab):
+                x = np.pad(read_idx(img), ((0, 0), (2, 2), (2, 2)))   # (n, 32, 32)
+                return ArrayImages(x, read_idx(lab))
+    die(f"no Fashion-MNIST IDX files in --data_dir {root} or {FASHION_MNIST_SYSTEM_DIR}; "
+        "install Debian's dataset-fashion-mnist or use --data synthetic")
+
+
+def tiny_imagenet_val(root):
+    """Tiny-ImageNet's val/ keeps all images in one folder plus an annotations file."""
+    classes = sorted(os.listdir(os.path.join(root, "train")))
+    idx = {c: i for i, c in enumerate(classes)}
+    with open(os.path.join(root, "val", "val_annotations.txt")) as f:
+        rows = [line.split("\t")[:2] for line in f if line.strip()]
+    ds = datasets.ImageFolder(os.path.join(root, "train"))   # for its loader only
+    ds.samples = [(os.path.join(root, "val", "images", name), idx[c]) for name, c in rows]
+    ds.targets = [y for _, y in ds.samples]
+    return ds
+
+
+def per_class_subset(ds, fraction):
+    """Keep the first `fraction` of each class (AttMask's 20% ImageNet protocol)."""
+    by_class = {}
+    for i, y in enumerate(ds.targets):
+        by_class.setdefault(y, []).append(i)
+    keep = sorted(i for ids in by_class.values() for i in ids[:max(1, int(len(ids) * fraction))])
+    ds.samples = [ds.samples[i] for i in keep]
+    ds.targets = [ds.targets[i] for i in keep]
+    return ds
+
+
+def build_dataset(name, data_dir, train, subset=1.0, synthetic_size=2000, img_size=32):
+    """Raw dataset of (PIL image, label). `train`: the pre-training split (STL-10: train+unlabeled)
+    or 'probe-train'; False: the evaluation split."""
+    if name not in DATASETS:
+        die(f"unknown --data {name}; choose one of {', '.join(DATASETS)}")
+    pretrain = train is True
+    try:
+        if name == "synthetic":
+            return Synthetic(synthetic_size if train else synthetic_size // 4, img_size, seed=0 if train else 1)
+        if name == "fashion-mnist":
+            return fashion_mnist(data_dir, bool(train))
+        if name in ("cifar10", "cifar100"):
+            cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            return cls(data_dir, train=bool(train), download=True)
+        if name == "stl10":
+            split = ("train+unlabeled" if pretrain else "train") if train else "test"
+            return datasets.STL10(data_dir, split=split, download=True)
+        if name == "tiny-imagenet":
+            return datasets.ImageFolder(os.path.join(data_dir, "train")) if train else tiny_imagenet_val(data_dir)
+        ds = datasets.ImageFolder(os.path.join(data_dir, "train" if train else "val"))
+        return per_class_subset(ds, subset) if subset < 1 else ds
+    except SystemExit:
+        raise
+    except Exception as e:  # offline download, missing folder, empty folder
+        die(f"cannot load --data {name} from --data_dir {data_dir} ({type(e).__name__}: {str(e)[:120]}); "
+            "put the files there (see README) or use --data synthetic")
+
+
+# ----------------------------------------------------------------------------
+# Augmentations
+
+def normalize(data):
+    return T.Normalize(*DATASETS[data][2])
+
+
+def mim_transform(data, img_size, scale=(0.2, 1.0), color=False):
+    """One RandomResizedCrop (bicubic) + flip view, the MAE recipe; optional colour jitter."""
+    aug = [T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip()]
+    if color:
+        aug += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
+    return T.Compose(aug + [T.ToTensor(), normalize(data)])
+
+
+def eval_transform(data, img_size):
+    """Resize + centre crop (ratio 224/256 at ImageNet-like sizes, identity at native size)."""
+    native = DATASETS[data][0]
+    resize = img_size if img_size == native and native <= 64 else int(round(img_size * 256 / 224))
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
+                      T.ToTensor(), normalize(data)])
+
+
+class MultiCrop:
+    """DINO/iBOT multi-crop: 2 global crops + n_local local crops, colour jitter, grayscale, blur
+    (p 1.0 / 0.1 / 0.5 local) and solarize on the second global crop. Returns a list of tensors."""
+
+    def __init__(self, data, global_size, local_size, n_local, global_scale=(0.25, 1.0),
+                 local_scale=(0.05, 0.25), blur=(1.0, 0.1, 0.5)):
+        flip_color = [T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                      T.RandomGrayscale(0.2)]
+        norm = [T.ToTensor(), normalize(data)]
+
+        def blur_p(p, size):  # kernel ~10% of the crop, odd
+            return T.RandomApply([T.GaussianBlur(2 * max(1, size // 20) + 1, (0.1, 2.0))], p=p)
+
+        crop = lambda size, sc: T.RandomResizedCrop(size, scale=sc, interpolation=T.InterpolationMode.BICUBIC)
+        self.g1 = T.Compose([crop(global_size, global_scale), *flip_color, blur_p(blur[0], global_size), *norm])
+        self.g2 = T.Compose([crop(global_size, global_scale), *flip_color, blur_p(blur[1], global_size),
+                             T.RandomSolarize(128, p=0.2), *norm])
+        self.loc = T.Compose([crop(local_size, local_scale), *flip_color, blur_p(blur[2], local_size), *norm])
+        self.n_local = n_local
+
+    def __call__(self, img):
+        return [self.g1(img), self.g2(img)] + [self.loc(img) for _ in range(self.n_local)]
+
+
+class CropWithBox:
+    """RandomResizedCrop + flip that also returns where the crop came from, so a per-image map can
+    follow the image: box = (top, left, height, width) as fractions of the source image, flip in {0, 1}."""
+
+    def __init__(self, data, img_size, scale=(0.2, 1.0), color=False):
+        self.rrc = T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
+        self.color = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                                T.RandomGrayscale(0.2)]) if color else None
+        self.post = T.Compose([T.ToTensor(), normalize(data)])
+
+    def geometry(self, img):
+        W, H = img.size
+        i, j, h, w = T.RandomResizedCrop.get_params(img, self.rrc.scale, self.rrc.ratio)
+        flip = bool(torch.rand(()) < 0.5)
+        out = img.resize((self.rrc.size[1], self.rrc.size[0]), Image.BICUBIC, box=(j, i, j + w, i + h))
+        out = out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+        return out, torch.tensor([i / H, j / W, h / H, w / W, float(flip)])
+
+    def __call__(self, img):
+        out, box = self.geometry(img)
+        return self.post(self.color(out) if self.color else out), box
+
+
+class SharedCropTwoColors(CropWithBox):
+    """One crop + flip shared by two views, colour jitter drawn independently per view (ExtreMA)."""
+
+    def __init__(self, data, img_size, scale=(0.2, 1.0)):
+        super().__init__(data, img_size, scale, color=True)
+
+    def __call__(self, img):
+        out, _ = self.geometry(img)
+        return self.post(self.color(out)), self.post(self.color(out))
+
+
+def crop_map(maps, box, out_hw):
+    """Moves per-image maps (B, h, w) through crop boxes (B, 5) from CropWithBox: bilinear resampling of
+    the box region onto an out_hw grid, then the flip. Exact inverse of what the crop did to the pixels."""
+    B = maps.shape[0]
+    top, left, h, w, flip = box.unbind(1)
+    gh, gw = out_hw
+    ys = (torch.arange(gh, device=maps.device) + 0.5) / gh                  # (gh,) cell centres in [0, 1]
+    xs = (torch.arange(gw, device=maps.device) + 0.5) / gw
+    xs = torch.where(flip[:, None] > 0.5, 1 - xs, xs)                      # (B, gw)
+    sy = (top[:, None] + h[:, None] * ys) * 2 - 1                          # (B, gh) in [-1, 1]
+    sx = (left[:, None] + w[:, None] * xs) * 2 - 1                         # (B, gw)
+    grid = torch.stack(torch.broadcast_tensors(sx[:, None, :], sy[:, :, None]), -1)  # (B, gh, gw, 2)
+    return F.grid_sample(maps[:, None].float(), grid.float(), mode="bilinear", align_corners=False,
+                         padding_mode="border")[:, 0]                       # (B, gh, gw)
+
+
+# ----------------------------------------------------------------------------
+# Loaders
+
+class SeededView(torch.utils.data.Dataset):
+    """Applies the transform with an RNG seeded by (seed, key): the augmentation of sample i in epoch e
+    is the same whatever the worker count, the rank or a resume. Keys come from EpochSampler."""
+
+    def __init__(self, ds, transform, seed=None, with_index=False):
+        self.ds, self.transform, self.seed, self.with_index = ds, transform, seed, with_index
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i = key % len(self.ds)
+        img, y = self.ds[i]
+        if self.seed is None:  # deterministic transform (evaluation)
+            x = self.transform(img)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + key)
+                x = self.transform(img)
+        return (x, y, i) if self.with_index else (x, y)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled (or ordered) indices for one rank, reproducible from (seed, epoch); set_epoch(e, skip)
+    starts after `skip` samples of this rank, for exact mid-epoch resume. Yields epoch*n + i keys."""
+
+    def __init__(self, n, shuffle=True, seed=0, rank=0, world=1, drop_last=True):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.per_rank = n // world if drop_last else math.ceil(n / world)
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        idx = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        idx = torch.cat([idx, idx[: self.per_rank * self.world - self.n]]) if len(idx) < self.per_rank * self.world else idx
+        mine = idx[self.rank: self.per_rank * self.world: self.world][self.skip:]
+        return iter((mine + self.epoch * self.n).tolist())
+
+    def __len__(self):
+        return self.per_rank - self.skip
+
+
+def make_loader(ds, transform, batch_size, train=True, seed=0, rank=0, world=1, num_workers=4,
+                with_index=False, pin=True):
+    """Pre-training (train=True: shuffle, drop_last) or extraction loader over SeededView(ds)."""
+    sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world=world, drop_last=train)
+    return torch.utils.data.DataLoader(
+        SeededView(ds, transform, seed, with_index), batch_size=batch_size, sampler=sampler,
+        num_workers=num_workers, pin_memory=pin and torch.cuda.is_available(), drop_last=train,
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------
+# Probe: frozen features -> linear head sweep + kNN
+
+def world_info():
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+
+
+@torch.no_grad()
+def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=4):
+    """Features (n, D) float32 and labels (n,) of the whole dataset, each rank a strided shard,
+    gathered on every rank."""
+    from tqdm import tqdm
+    rank, world = world_info()
+    per = math.ceil(len(ds) / world)
+    loader = torch.utils.data.DataLoader(
+        SeededView(ds, transform), batch_size=batch_size, num_workers=num_workers,
+        sampler=list(range(rank, len(ds), world)), pin_memory=device != "cpu")
+    encoder.eval().to(device)
+    amp = torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc="features", disable=rank != 0, leave=False):
+        with amp:
+            feats.append(encoder(x.to(device, non_blocking=True)).float())
+        labels.append(y.to(device))
+    f, y = torch.cat(feats), torch.cat(labels)                          # (n_rank, D), (n_rank,)
+    if world > 1:  # pad to equal length, gather, then undo the striding
+        pad = per - len(y)
+        f, y = torch.cat([f, f[:pad]]), torch.cat([y, y[:pad] * 0 - 1])
+        fs, ys = [torch.empty_like(f) for _ in range(world)], [torch.empty_like(y) for _ in range(world)]
+        dist.all_gather(fs, f.contiguous())
+        dist.all_gather(ys, y.contiguous())
+        f, y = torch.stack(fs, 1).flatten(0, 1), torch.stack(ys, 1).flatten(0, 1)  # interleave ranks
+        f, y = f[: len(ds)], y[: len(ds)]
+    return f.cpu(), y.cpu()
+
+
+def knn(train_f, train_y, test_f, test_y, k=20, T=0.07, num_classes=None, chunk=1024):
+    """Weighted kNN top-1 (DINO protocol): cosine similarity, votes exp(sim / T) of the k nearest."""
+    C = num_classes or int(train_y.max()) + 1
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_y))
+    correct = 0
+    for s in range(0, len(test_y), chunk):
+        sim, nn_idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)          # (c, k)
+        votes = torch.zeros(len(sim), C).scatter_add_(1, train_y[nn_idx], (sim / T).exp())
+        correct += (votes.argmax(1) == test_y[s:s + chunk]).sum().item()
+    return 100.0 * correct / len(test_y)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, lrs=(0.01, 0.03, 0.1, 0.3, 1.0), epochs=100,
+                 batch_size=256, num_classes=None, seed=0):
+    """BatchNorm (no affine) + Linear on cached features, one head per learning rate trained at once
+    (SGD momentum 0.9, cosine). Returns the best top-1 on the test split and the lr that gave it."""
+    C = num_classes or int(train_y.max()) + 1
+    g = torch.Generator().manual_seed(seed)
+    n, D = train_f.shape
+    bn = nn.BatchNorm1d(D, affine=False)
+    heads = nn.ModuleList(nn.Linear(D, C) for _ in lrs)
+    for h in heads:
+        nn.init.normal_(h.weight, std=0.01, generator=g), nn.init.zeros_(h.bias)
+    opt = torch.optim.SGD([{"params": h.parameters(), "lr": lr} for h, lr in zip(heads, lrs)], momentum=0.9)
+    steps = epochs * max(1, n // batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            b = perm[s:s + batch_size]
+            z = bn.train()(train_f[b])                                    # shared, parameter-free
+            loss = sum(F.cross_entropy(h(z), train_y[b]) for h in heads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        z = bn.eval()(test_f)
+        acc = [100.0 * (h(z).argmax(1) == test_y).float().mean().item() for h in heads]
+    best = max(range(len(lrs)), key=lambda i: acc[i])
+    return acc[best], lrs[best]
+
+
+def probe(encoder, data, data_dir, img_size, device="cpu", batch_size=256, num_workers=4,
+          cache=None, epochs=100, synthetic_size=2000):
+    """Frozen-feature evaluation of `encoder(images) -> (B, D)`: linear top-1 (best of the lr sweep)
+    and kNN top-1 (k=20, T=0.07). Features are cached in `cache` (a .pt path) when given."""
+    if cache and os.path.isfile(cache):
+        tr_f, tr_y, te_f, te_y = torch.load(cache, weights_only=True)
+    else:
+        tf = eval_transform(data, img_size)
+        kw = dict(batch_size=batch_size, device=device, num_workers=num_workers)
+        tr_f, tr_y = extract(encoder, build_dataset(data, data_dir, "probe-train", synthetic_size=synthetic_size,
+                                                    img_size=img_size), tf, **kw)
+        te_f, te_y = extract(encoder, build_dataset(data, data_dir, False, synthetic_size=synthetic_size,
+                                                    img_size=img_size), tf, **kw)
+        if cache and world_info()[0] == 0:
+            torch.save((tr_f, tr_y, te_f, te_y), cache)
+    C = DATASETS[data][1] or int(tr_y.max()) + 1
+    lin, lr = linear_probe(tr_f, tr_y, te_f, te_y, epochs=epochs, num_classes=C)
+    return {"linear_top1": lin, "linear_lr": lr, "knn_top1": knn(tr_f, tr_y, te_f, te_y, num_classes=C),
+            "n_train": len(tr_y), "n_test": len(te_y), "dim": tr_f.shape[1]}
