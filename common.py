@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import datasets, transforms as T
 
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -52,7 +52,7 @@ class Synthetic(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        c, s = self.targets[i], self.size
+        c, s = self.targets[i], min(self.size, 64)  # drawn at <= 64 px, then upsampled (fast at 224)
         g = np.random.default_rng([self.seed, i])
         yy, xx = np.mgrid[0:s, 0:s] / s - 0.5                     # (s, s) in [-0.5, 0.5)
         cy, cx = g.uniform(-0.2, 0.2, 2)
@@ -71,8 +71,8 @@ class Synthetic(torch.utils.data.Dataset):
         fg = 0.5 + 0.45 * np.cos(2 * math.pi * (hue + np.array([0, 1 / 3, 2 / 3])))
         bg = g.uniform(0, 1, 3) * 0.5
         img = np.where(shape[..., None], fg, bg) + g.normal(0, 0.08, (s, s, 3))  # (s, s, 3)
-        img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-        return Image.fromarray(img), c
+        img = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+        return (img.resize((self.size, self.size), Image.BICUBIC) if self.size > s else img), c
 
 
 class ArrayImages(torch.utils.data.Dataset):
@@ -167,6 +167,19 @@ def build_dataset(name, data_dir, train, subset=1.0, synthetic_size=2000, img_si
 # ----------------------------------------------------------------------------
 # Augmentations
 
+class Blur:
+    """Gaussian blur with a random radius on a PIL image (PIL's filter: much faster than on tensors)."""
+
+    def __init__(self, p, radius=(0.1, 2.0)):
+        self.p, self.radius = p, radius
+
+    def __call__(self, img):
+        if torch.rand(()) >= self.p:
+            return img
+        r = self.radius[0] + (self.radius[1] - self.radius[0]) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(r))
+
+
 def normalize(data):
     return T.Normalize(*DATASETS[data][2])
 
@@ -197,15 +210,13 @@ class MultiCrop:
         flip_color = [T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                       T.RandomGrayscale(0.2)]
         norm = [T.ToTensor(), normalize(data)]
-
-        def blur_p(p, size):  # kernel ~10% of the crop, odd
-            return T.RandomApply([T.GaussianBlur(2 * max(1, size // 20) + 1, (0.1, 2.0))], p=p)
+        rad = (0.1 * global_size / 224, 2.0 * global_size / 224)  # DINO's radius range at 224 px, scaled
 
         crop = lambda size, sc: T.RandomResizedCrop(size, scale=sc, interpolation=T.InterpolationMode.BICUBIC)
-        self.g1 = T.Compose([crop(global_size, global_scale), *flip_color, blur_p(blur[0], global_size), *norm])
-        self.g2 = T.Compose([crop(global_size, global_scale), *flip_color, blur_p(blur[1], global_size),
+        self.g1 = T.Compose([crop(global_size, global_scale), *flip_color, Blur(blur[0], rad), *norm])
+        self.g2 = T.Compose([crop(global_size, global_scale), *flip_color, Blur(blur[1], rad),
                              T.RandomSolarize(128, p=0.2), *norm])
-        self.loc = T.Compose([crop(local_size, local_scale), *flip_color, blur_p(blur[2], local_size), *norm])
+        self.loc = T.Compose([crop(local_size, local_scale), *flip_color, Blur(blur[2], rad), *norm])
         self.n_local = n_local
 
     def __call__(self, img):
