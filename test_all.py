@@ -3,10 +3,15 @@
 Foundation (data, crops, probe, CLI/runtime contract, shared-code identity) first, then one section per
 method. Speed is not tested here: it is measured by running a method with --max_steps.
 """
+import dataclasses
 import gzip
 import importlib
+import json
+import math
 import os
 import re
+import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -14,8 +19,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
 
+import a2mim
+import amt
+import attmask as am
 import common
+import dtm
+import extrema as ex
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ["attmask", "amt", "dtm", "a2mim", "extrema"]
@@ -290,3 +303,1096 @@ def test_bad_input_never_loses_a_checkpoint(method, tmp_path, capsys):
     # the same one-line errors from the command line, without a traceback
     r = run_script(f"{method}.py", ["--bogus"], tmp_path / "cli", check=False)
     assert r.returncode != 0 and r.stderr.strip().startswith("error: unknown argument") and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------
+# Method: AttMask (attmask.py)
+
+def _attmask_tiny_cfg(*args):
+    return am.parse_config(TINY + ["--out_dim", "64", "--head_hidden", "32", *args])
+
+
+def _attmask_distinct_attention(R, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(N, generator=g) for _ in range(R)]).float() / N + 0.01  # (R, N) no ties
+
+
+@pytest.mark.parametrize("N,r,high,hint", [(196, 0.1, 19, 18), (196, 0.3, 58, 53), (196, 0.5, 98, 89),
+                                           (64, 0.3, 19, 18)])
+def test_attmask_high_low_hint_on_hand_made_attention(N, r, high, hint):
+    a = _attmask_distinct_attention(16, N)
+    rank = a.argsort(1, descending=True).argsort(1)                     # 0 = most attended
+    hi = am.attmask(a, r, "attmask_high", 1.0, 0.1)
+    assert hi.dtype == torch.bool and hi.shape == (16, N)
+    assert torch.equal(hi, rank < high)                                 # exactly the top floor(N r)
+    assert torch.equal(am.attmask(a, r, "attmask_low", 1.0, 0.1), rank >= N - high)  # the bottom floor(N r)
+    h = am.attmask(a, r, "attmask_hint", 1.0, 0.1)
+    assert (h.sum(1) == hint).all() and not (h & ~hi).any()            # spec Sec. 9 counts; subset of High
+    revealed = hi & ~h
+    assert (revealed.sum(1) == high - hint).all() and (rank[revealed] < int(N * 0.1)).all()  # only from the top 10%
+
+
+def test_attmask_hints_are_uniform_over_the_top_tokens():
+    torch.manual_seed(0)
+    a = _attmask_distinct_attention(1, 196).expand(4000, -1)
+    revealed = am.attmask(a, 0.3, "attmask_high", 1.0, 0.1) & ~am.attmask(a, 0.3, "attmask_hint", 1.0, 0.1)
+    top = a[0].argsort(descending=True)[:19]
+    freq = revealed.float().mean(0)                                     # 5 of 19 candidates per row
+    assert freq.sum().item() == pytest.approx(5) and (freq[top] - 5 / 19).abs().max() < 0.04
+
+
+def test_attmask_mask_dropped_per_crop_with_probability_1_minus_p():
+    torch.manual_seed(0)
+    B, N = 3000, 64
+    m = am.attmask(torch.rand(2 * B, N), 0.3, "attmask_high", 0.5, 0.1)
+    kept = m.any(1)
+    assert set(m.sum(1).tolist()) == {0, 19}                            # a crop is masked fully or not at all
+    assert abs(kept.float().mean().item() - 0.5) < 0.03
+    both = (kept[:B] & kept[B:]).float().mean().item()                  # the two crops of one image: independent
+    assert abs(both - 0.25) < 0.03
+
+
+def test_attmask_ratio_per_step_and_ibot_baselines():
+    cfg = _attmask_tiny_cfg("--mask_mode", "attmask_high", "--masking_prob", "1")
+    attn = torch.rand(6, 2, 197)
+    counts = [am.make_mask(cfg, attn, s, 14, 14).sum(1) for s in range(600)]
+    assert all((c == c[0]).all() for c in counts)                       # one ratio for the whole batch
+    n = torch.stack([c[0] for c in counts]).float()
+    assert n.min() >= 19 and n.max() <= 98 and abs(n.mean() / 196 - 0.3) < 0.01  # floor(196 r), r ~ U[0.1, 0.5]
+    torch.manual_seed(1)                                                # same r for a step on any rank / resume
+    assert torch.equal(am.make_mask(cfg, attn, 7, 14, 14), am.make_mask(cfg, attn, 7, 14, 14))
+    attn = torch.rand(2000, 2, 197)
+    torch.manual_seed(0)
+    ratios = 0.1 + 0.4 * torch.rand(2000)                               # the per-crop ratios make_mask will draw
+    torch.manual_seed(0)
+    rnd = am.make_mask(_attmask_tiny_cfg("--mask_mode", "random"), attn, 0, 14, 14)
+    assert torch.equal(rnd.sum(1), (ratios * 196).floor().long())      # iBOT rand: exact count per crop
+    blk = am.block_mask(ratios, 14, 14).view(-1, 14, 14)
+    target = (ratios * 196).floor()
+    assert (blk.flatten(1).sum(1) <= target).all() and blk.sum() / target.sum() > 0.97
+
+    def neighbours(m):  # masked right/down neighbours per masked token: blocks are compact, random is not
+        pairs = (m[:, 1:] & m[:, :-1]).sum() + (m[:, :, 1:] & m[:, :, :-1]).sum()
+        return (pairs / m.sum()).item()
+    assert neighbours(blk) > 1.5 * neighbours(rnd.view(-1, 14, 14))
+
+
+def test_attmask_one_teacher_pass_gives_targets_and_the_attention(monkeypatch):
+    torch.manual_seed(0)
+    cfg = _attmask_tiny_cfg("--mask_mode", "attmask_high", "--masking_prob", "1", "--local_crops", "2")
+    model = am.Model(cfg)
+    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)]
+    calls, student_masks, seen = [], [], {}
+    model.teacher.register_forward_hook(lambda m, a, kw, out: calls.append(out), with_kwargs=True)
+    model.student.register_forward_hook(lambda m, a, kw, out: student_masks.append(kw.get("mask")), with_kwargs=True)
+    make_mask = am.make_mask
+    monkeypatch.setattr(am, "make_mask", lambda cfg, attn, *a: seen.setdefault("m", make_mask(cfg, attn, *a)))
+    model(crops, 0, 0)
+    assert len(calls) == 1                                              # one teacher forward per step
+    t_tok, attn = calls[0]
+    assert t_tok.shape == (6, 65, 32) and attn.shape == (6, 2, 65)     # unmasked globals, crop-major
+    with torch.no_grad():
+        ref = model.teacher(torch.cat(crops[:2]), return_attn=True)[1]  # (2B, nh, 1+N)
+    a = ref[:, :, 1:].mean(1)                                           # head-mean [CLS] -> patches
+    M = int(seen["m"][0].sum())
+    top = a.argsort(1, descending=True)[:, :M]                          # High: the top M of the teacher's map
+    assert 6 <= M <= 32 and torch.equal(seen["m"], torch.zeros(6, 64, dtype=torch.bool).scatter_(1, top, True))
+    assert torch.equal(student_masks[0], seen["m"]) and student_masks[1] is None  # local crops never masked
+
+
+def _attmask_reference_losses(s_cls, s_patch, t_cls, t_patch, mask, c, c2, tt, ts):
+    B, V = t_cls.shape[0] // 2, s_cls.shape[0] // (t_cls.shape[0] // 2)
+    total, pairs = 0.0, 0
+    for q in range(2):
+        p = F.softmax((t_cls[q * B:(q + 1) * B] - c) / tt, -1)
+        for v in range(V):
+            if v != q:
+                total += (-(p * F.log_softmax(s_cls[v * B:(v + 1) * B] / ts, -1)).sum(-1)).mean()
+                pairs += 1
+    per = []
+    for i in range(2 * B):
+        ce = -(F.softmax((t_patch[i] - c2[0]) / tt, -1) * F.log_softmax(s_patch[i] / ts, -1)).sum(-1)
+        per.append((ce * mask[i]).sum() / max(1, mask[i].sum().item()))
+    return total / pairs, torch.stack(per).mean()
+
+
+def test_attmask_losses_match_dino_and_ibot_formulas_and_centers_move():
+    torch.manual_seed(0)
+    B, V, N, K = 3, 4, 5, 7
+    s_cls, t_cls = torch.randn(V * B, K), torch.randn(2 * B, K)
+    s_patch, t_patch = torch.randn(2 * B, N, K), torch.randn(2 * B, N, K)
+    mask = torch.rand(2 * B, N) < 0.5
+    mask[1] = False                                                     # an unmasked crop: counts as 0
+    c, c2 = torch.randn(1, K), torch.randn(1, 1, K)
+    l_cls, l_patch = am.ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, c, c2, 0.04, 0.04, 0.1)
+    r_cls, r_patch = _attmask_reference_losses(s_cls, s_patch, t_cls, t_patch, mask, c, c2, 0.04, 0.1)
+    torch.testing.assert_close(l_cls, r_cls, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(l_patch, r_patch, atol=1e-5, rtol=1e-6)
+    c_new, c2_new = c.clone(), c2.clone()
+    am.update_centers(c_new, c2_new, t_cls, t_patch, 0.9)
+    torch.testing.assert_close(c_new, 0.9 * c + 0.1 * t_cls.mean(0, keepdim=True))
+    torch.testing.assert_close(c2_new, 0.9 * c2 + 0.1 * t_patch.mean((0, 1))[None, None])  # all tokens
+
+
+def test_attmask_schedules_and_per_tensor_clipping():
+    temps = [am.teacher_temp(e, 0.04, 0.07, 30) for e in (0, 15, 29, 30, 50)]
+    assert temps == pytest.approx([0.04, 0.04 + 0.03 * 15 / 29, 0.07, 0.07, 0.07])
+    wd = [am.cosine_schedule(s, 1000, 0.04, 0.4) for s in (0, 500, 1000)]      # weight decay, per step
+    assert wd == pytest.approx([0.04, 0.22, 0.4]) and am.cosine_schedule(0, 1000, 0.996, 1.0) == pytest.approx(0.996)
+    big, small = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(3, 3))
+    big.grad, small.grad = torch.full((10,), 5.0), torch.full((3, 3), 0.1)
+    am.clip_per_tensor([big, small], 3.0)
+    assert big.grad.norm().item() == pytest.approx(3.0, rel=1e-5) and torch.equal(small.grad, torch.full((3, 3), 0.1))
+
+
+def test_attmask_fixed_batch_student_learns_to_match_fixed_targets():
+    # teacher and centers frozen (momentum 1): the targets are fixed, so the loss must fall
+    torch.manual_seed(0)
+    cfg = _attmask_tiny_cfg("--momentum_teacher", "1", "--center_momentum", "1", "--drop_path", "0", "--masking_prob", "1")
+    model = am.Model(cfg)
+    crops = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for step in range(25):
+        loss, stats = model(crops, step, 0)
+        opt.zero_grad()
+        loss.backward()
+        am.clip_per_tensor(params, 3.0)
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.3, losses
+    assert model.mask_token.abs().sum() > 0                             # the mask token is learned
+
+
+def test_attmask_last_layer_frozen_in_epoch_0_and_ema_teacher(tmp_path, capsys):
+    args = TINY + ["--out_dim", "64", "--head_hidden", "32", "--warmup_epochs", "0", "--blr", "0.01", "--max_steps", "2"]
+    run_inprocess("attmask", args + ["--vis_every", "2"], tmp_path / "frozen", capsys)
+    m = load_ckpt(tmp_path / "frozen")["model"]
+    assert (tmp_path / "frozen" / "vis_0000002.png").exists()
+    # the student's last layer never moved, so the EMA left the teacher's copy equal to it; the rest moved
+    torch.testing.assert_close(m["head.v"], m["teacher_head.v"], atol=1e-7, rtol=0)
+    assert (m["head.mlp.0.weight"] - m["teacher_head.mlp.0.weight"]).abs().max() > 1e-5
+    run_inprocess("attmask", args + ["--freeze_last_layer", "0"], tmp_path / "free", capsys)
+    m = load_ckpt(tmp_path / "free")["model"]
+    assert (m["head.v"] - m["teacher_head.v"]).abs().max() > 1e-5
+
+
+def test_attmask_probe_encoder_is_teacher_last_blocks_cls_and_bad_mode_errors():
+    torch.manual_seed(0)
+    cfg = _attmask_tiny_cfg()                                                    # depth 2: both blocks' [CLS]
+    model = am.Model(cfg)
+    model.teacher.blocks[0].attn.proj.bias.data += 1.0                   # teacher differs from student
+    enc = am.load_encoder({"config": dataclasses.asdict(cfg), "model": model.state_dict()})
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for b in model.teacher.blocks:
+        b.register_forward_hook(lambda m, i, o: outs.append(o[:, 0]))
+    model.teacher(x)
+    ref = torch.cat([model.teacher.norm(o) for o in outs], -1)          # (B, 2D) last 2 blocks' [CLS]
+    torch.testing.assert_close(enc(x), ref)
+    assert enc(x).shape == (2, 64) and not enc.training
+    with pytest.raises(SystemExit, match="unknown --mask_mode"):
+        am.Model(_attmask_tiny_cfg("--mask_mode", "attmask_top"))
+
+
+# ----------------------------------------------------------------------------
+# Method: AMT (amt.py)
+
+torch.set_num_threads(1)
+# a 16 px, 4x4-patch model: N = 16 patches -> 7 masked, 6 thrown, 3 visible at 0.45 / 0.40
+_amt_PICO = ["--data", "synthetic", "--model", "vit_pico", "--img_size", "16", "--patch_size", "4", "--batch_size", "8",
+        "--num_workers", "0", "--log_every", "1", "--dec_dim", "32", "--dec_depth", "1", "--dec_heads", "2",
+        "--warmup_epochs", "0", "--blr", "0.01"]
+
+
+def _amt_tiny_model(*extra):
+    torch.manual_seed(0)
+    return amt.Model(amt.parse_config(_amt_PICO + list(extra)))
+
+
+def test_amt_counts_partition_and_order():
+    for n, rm, rt, want in [(196, 0.45, 0.40, (88, 78)), (196, 0.75, 0.0, (147, 0)), (64, 0.45, 0.40, (28, 26)),
+                            (144, 0.45, 0.40, (64, 58)), (256, 0.45, 0.40, (115, 102))]:
+        assert amt.mask_counts(n, rm, rt) == want  # spec 3.4 / 9 (int truncation of the float sum)
+    torch.manual_seed(0)
+    w = torch.rand(32, 64) * (torch.rand(32, 64) > 0.2)                    # hand-made maps with zeros
+    order = amt.draw_order(w)
+    assert torch.equal(order.sort(1).values, torch.arange(64).expand(32, -1))  # a permutation per image
+    mask, throw, vis, keep = amt.split_order(order, 28, 26)
+    assert (mask.sum(1) == 28).all() and (throw.sum(1) == 26).all() and vis.shape == (32, 10)
+    assert not (mask & throw).any()
+    seen = torch.zeros_like(mask).scatter(1, vis, True)
+    assert (mask.int() + throw.int() + seen.int() == 1).all()               # disjoint and covering
+    assert torch.equal(keep, (~throw).nonzero()[:, 1].view(32, 38))        # non-thrown, raster order
+    assert mask.gather(1, order[:, :28]).all() and throw.gather(1, order[:, 28:54]).all()  # first drawn = masked
+
+
+def test_amt_draw_is_weighted_sampling_without_replacement():
+    w = torch.rand(4, 196) + 0.01
+    torch.manual_seed(3)
+    ref = torch.multinomial(w, 196)                                        # the official draw
+    torch.manual_seed(3)
+    assert torch.equal(amt.draw_order(w), ref)                             # bitwise on CPU (spec 9)
+    torch.manual_seed(0)
+    heavy = torch.ones(4000, 64)
+    heavy[:, 5] = 1000.0
+    mask, *_ = amt.split_order(amt.draw_order(heavy), 28, 26)
+    assert mask[:, 5].float().mean() > 0.99                                # a dominant patch is almost always masked
+    freq = mask[:, torch.arange(64) != 5].float().mean(0)                  # others: 27 of 63 slots, evenly
+    assert (freq - 27 / 63).abs().max() < 0.05
+    mask, *_ = amt.split_order(amt.draw_order(torch.ones(4000, 64)), 28, 26)
+    assert (mask.float().mean(0) - 28 / 64).abs().max() < 0.05             # all-ones map: uniform marginals
+
+
+def test_amt_zero_weights_come_last():
+    torch.manual_seed(0)
+    w = torch.rand(500, 64) + 0.1
+    w[:, 40:] = 0                                                          # 24 zero-weight patches
+    mask, throw, vis, _ = amt.split_order(amt.draw_order(w), 28, 26)
+    assert not mask[:, 40:].any()                                          # never masked while positives remain
+    assert throw[:, :40].sum(1).eq(12).all() and (vis >= 40).all()         # positives all drawn before zeros
+    order = amt.draw_order(torch.zeros(3, 64))                             # no positive weight: uniform, valid
+    assert torch.equal(order.sort(1).values, torch.arange(64).expand(3, -1))
+
+
+def test_amt_map_follows_crop_and_flip():
+    g, p = 8, 4
+    rows, cols = torch.meshgrid(torch.arange(g).float(), torch.arange(g).float(), indexing="ij")
+    maps = (10 * rows + cols)[None].repeat(2, 1, 1)                        # linear: bilinear sampling is exact
+    box = torch.tensor([[0.2, 0.3, 0.5, 0.4, 0.0], [0.2, 0.3, 0.5, 0.4, 1.0]])  # (top, left, h, w, flip)
+    got = amt.patch_weights(maps, box, p)                                  # (2, 64)
+    c = (torch.arange(g * p) + 0.5) / (g * p)                              # output pixel centres in [0, 1]
+    y = 0.2 + 0.5 * c
+    for b, flip in enumerate([False, True]):
+        x = 0.3 + 0.4 * (1 - c if flip else c)                             # the flip mirrors the crop
+        pix = 10 * (y[:, None] * g - 0.5) + (x[None, :] * g - 0.5)         # map value at each pixel
+        want = pix.view(g, p, g, p).sum((1, 3)).flatten()
+        assert torch.allclose(got[b], want, atol=1e-3), (got[b] - want).abs().max()
+    assert not torch.allclose(got[0], got[1])
+
+
+def test_amt_thrown_tokens_leave_encoder_decoder_and_loss():
+    model = _amt_tiny_model()
+    seq = {}
+    model.encoder.blocks[0].register_forward_hook(lambda m, i, o: seq.__setitem__("enc", i[0].shape[1]))
+    model.decoder[0].register_forward_hook(lambda m, i, o: seq.__setitem__("dec", i[0].shape[1]))
+    x, w = torch.randn(4, 3, 16, 16), torch.rand(4, 16) + 0.1
+    torch.manual_seed(1)
+    loss, stats, (pred, mask, throw, keep) = model(x, w, 7, 6)
+    assert seq == {"enc": 1 + 3, "dec": 1 + 16 - 6} and pred.shape == (4, 10, 48)
+    pix = lambda m: m.view(4, 1, 4, 1, 4, 1).expand(-1, 3, -1, 4, -1, 4).reshape(4, 3, 16, 16)  # patch -> pixels
+    torch.manual_seed(1)
+    assert model(torch.where(pix(throw), 9.0, x), w, 7, 6)[0] == loss     # thrown pixels: no effect at all
+    torch.manual_seed(1)
+    assert model(torch.where(pix(mask), 9.0, x), w, 7, 6)[0] != loss      # masked pixels: they are the target
+    assert torch.isfinite(stats["w_mask/vis"])
+
+
+def test_amt_loss_masked_patches_only_and_norm_pix():
+    torch.manual_seed(0)
+    pred, target, mask = torch.randn(3, 10, 48), torch.randn(3, 10, 48) * 2 + 1, torch.rand(3, 10) > 0.4
+    for norm in (False, True):
+        loss = amt.amt_loss(pred, target, mask, norm)
+        t2 = torch.where(mask[..., None], target, torch.randn_like(target))  # change unmasked targets only
+        assert torch.allclose(amt.amt_loss(pred, t2, mask, norm), loss)
+    mu = target.mean(-1, keepdim=True)
+    var = ((target - mu) ** 2).sum(-1, keepdim=True) / 47                  # UNBIASED variance, eps 1e-6
+    per = ((pred - (target - mu) / (var + 1e-6) ** 0.5) ** 2).mean(-1)
+    assert torch.allclose(amt.amt_loss(pred, target, mask, True), per[mask].mean(), atol=1e-6)
+    assert torch.allclose(amt.amt_loss(pred, target, mask, False), ((pred - target) ** 2).mean(-1)[mask].mean())
+
+
+def test_amt_store_weights_from_attention():
+    attn = torch.tensor([[[0.9, 0.1, 0.2, 0.3, 0.2], [0.0, 0.1, 0.1, 0.1, 0.1]]])  # (1, 2 heads, 1 + 4)
+    w = amt.attention_to_weights(attn)                                      # [CLS] key dropped, min-max, head mean
+    assert torch.allclose(w, torch.tensor([[0.0, 0.25, 0.5, 0.25]]))       # constant head -> 0, not NaN
+    attn2 = torch.rand(5, 3, 17).softmax(-1)
+    w2, a = amt.attention_to_weights(attn2), attn2[:, :, 1:]
+    ref = ((a - a.amin(-1, keepdim=True)) / (a.amax(-1, keepdim=True) - a.amin(-1, keepdim=True))).mean(1)
+    assert torch.allclose(w2, ref, atol=1e-6) and w2.amin() >= 0 and w2.amax() <= 1
+
+
+def _amt_synthetic_small(monkeypatch, n):
+    monkeypatch.setattr(common, "build_dataset", lambda *a, **k: common.Synthetic(n, 16))
+
+
+def test_amt_phases_resume_and_store(tmp_path, monkeypatch):
+    """Plain MAE in epoch 0, a store refreshed at the start of epochs 1, 2; N == N/2 + resume + N/2 with the
+    store in the checkpoint; a checkpoint without a store is refreshed on resume; probe features load."""
+    _amt_synthetic_small(monkeypatch, 48)                                       # 6 steps per epoch
+    args = _amt_PICO + ["--amt_start", "0", "--refresh_every", "1", "--epochs", "4"]
+    run = lambda out, steps: amt.train(amt.parse_config(args + ["--max_steps", str(steps), "--out_dir", str(out)]))
+    run(tmp_path / "a", 14)
+    run(tmp_path / "b", 7)
+    run(tmp_path / "b", 14)
+    A, B = load_ckpt(tmp_path / "a"), load_ckpt(tmp_path / "b")
+    assert A["step"] == B["step"] == 14 and A["store_epoch"] == B["store_epoch"] == 1
+    assert max_param_diff(A["model"], B["model"]) < 1e-5 and torch.equal(A["store"], B["store"])
+    assert A["store"].shape == (48, 4, 4) and A["store"].dtype == torch.float16
+    assert 0 <= A["store"].min() and A["store"].max() <= 1 and A["store"].min() < 0.5
+    log = open(tmp_path / "a" / "log.txt").read()
+    assert log.count("attention store: 48 maps") == 2
+    ratios = [float(r) for r in re.findall(r"w_mask/vis ([\d.]+)", log)]
+    assert ratios[0] == 1.0 and all(r > 1.0 for r in ratios[6:])           # uniform first, then attention-driven
+    ckpt = load_ckpt(tmp_path / "b")
+    ckpt["store"], ckpt["store_epoch"] = None, None
+    torch.save(ckpt, tmp_path / "b" / "checkpoint.pt")
+    run(tmp_path / "b", 15)
+    assert "attention store: 48 maps after epoch 1" in open(tmp_path / "b" / "log.txt").read().split("resumed")[-1]
+    enc, x = amt.load_encoder(A), torch.randn(2, 3, 16, 16)
+    assert enc(x).shape == (2, 32) and not torch.allclose(enc(x), amt.load_encoder(A, random_init=True)(x))
+
+
+def test_amt_overfits_one_batch():
+    model = _amt_tiny_model()
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 3, 16, 16), torch.rand(8, 16) + 0.05
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        torch.manual_seed(1)                                               # the same masks every step
+        loss = model(x, w, 7, 6)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
+    assert losses[-1] < 0.8  # predicting zeros gives ~0.98 on normalised pixels: it memorised the batch
+
+
+def test_amt_bad_ratios_are_a_one_line_error():
+    for bad, hint in [(["--mask_ratio", "0.7", "--throw_ratio", "0.4"], "0 visible"), (["--amt", "yes"], "--amt"),
+                      (["--mask_ratio", "0.01"], "0 masked")]:
+        with pytest.raises(SystemExit, match=hint):
+            amt.train(amt.parse_config(_amt_PICO + bad))
+
+
+def _amt_torchrun(script, args, out_dir):
+    """test_all.run_torchrun, but on a free port: `--master_port 0` can hang in the c10d store on a busy host."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script), *args, "--out_dir", str(out_dir), "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, f"torchrun failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def test_amt_torchrun_gathers_the_store(tmp_path):
+    """2 processes (gloo): each computes half of the maps from the initial weights (amt_start -1), the gathered
+    store equals a single-process computation in dataset order."""
+    script = tmp_path / "run_amt.py"
+    script.write_text(f"import sys; sys.path.insert(0, {os.path.dirname(amt.__file__)!r})\n"
+                      "import common, amt\ncommon.build_dataset = lambda *a, **k: common.Synthetic(40, 16)\n"
+                      "amt.train(amt.parse_config())\n")
+    r = _amt_torchrun(script, _amt_PICO + ["--batch_size", "4", "--amt_start", "-1", "--max_steps", "5"], tmp_path)
+    assert "device cpu x 2" in r.stdout and re.search(r"^summary \| .*steps 5", r.stdout, re.M)
+    ckpt = load_ckpt(tmp_path)
+    assert ckpt["store_epoch"] == -1
+    cfg = amt.Config(**ckpt["config"])
+    torch.manual_seed(cfg.seed)                                            # rank 0's initial weights (DDP broadcast)
+    enc = amt.Encoder(amt.Model(cfg).encoder, attention=True).eval()
+    ds = common.Synthetic(40, 16)
+    tf = T.Compose([T.ToTensor(), common.normalize("synthetic")])         # 16 px already: the resize is identity
+    with torch.no_grad():
+        want = enc(torch.stack([tf(ds[i][0]) for i in range(40)])).view(40, 4, 4)
+    assert torch.allclose(ckpt["store"].float(), want, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------
+# Method: DTM (dtm.py)
+
+torch.set_num_threads(1)
+
+
+def _dtm_spec_inputs():
+    """Spec Sec. 10: T (targets) and P (predictions), B = 2, N = 196 (14 x 14), D = 64."""
+    b = torch.arange(2.0).view(2, 1, 1)
+    i = torch.arange(196.0).view(1, 196, 1)
+    c = torch.arange(64.0).view(1, 1, 64)
+    row, col = i.div(14).floor(), i % 14
+    T = (torch.sin(0.31 * row * (c + 1) / 7 + 0.5 * b) + torch.cos(0.23 * col * (c + 2) / 5 - 0.3 * b)
+         + 0.05 * torch.sin(1.7 * i + 0.9 * c))
+    P = torch.cos(0.11 * (i + 1) + 0.07 * (c + 1) * (b + 1)) + 0.5 * torch.sin(0.013 * i * c)
+    return P, T
+
+
+def _dtm_groups_of(G, b):
+    """Partition of image b as a set of frozensets of positions."""
+    return {frozenset(G[b, g].nonzero().flatten().tolist()) for g in range(G.shape[1])}
+
+
+def _dtm_remaining(N, r, k):
+    """Groups left after k rounds removing min(r, (t-1)//2) tokens each (spec Sec. 4.1-4.2)."""
+    t = N
+    for _ in range(k):
+        t -= max(0, min(r, (t - 1) // 2))
+    return t
+
+
+# ----------------------------------------------------------------------------
+# Spec Sec. 10 reference values (official bm/merge.py + engine arithmetic, fp32)
+
+@pytest.mark.parametrize("r,k,n_groups,largest,sl1,mse,l1,cos", [
+    (14, 7, 98, 19, 0.275567, 1.112662, 0.870553, 0.953193),
+    (50, 1, 146, 5, 0.333379, 1.353897, 0.946343, 0.939952),
+    (3, 14, 154, 15, 0.338301, 1.375163, 0.960212, 0.946356),
+    (97, 1, 99, 9, 0.281385, 1.136827, 0.872391, 0.926331)])
+def test_dtm_reference_values(r, k, n_groups, largest, sl1, mse, l1, cos):
+    P, T = _dtm_spec_inputs()
+    G = dtm.morph_partition(T, r, k)
+    assert G.shape == (2, n_groups, 196) and G.sum(-1).max() == largest
+    Pm, Tm = dtm.morph(G, P), dtm.morph(G, T)
+    assert dtm.dtm_loss(P, T, [(r, k)])[0].item() == pytest.approx(sl1, abs=2e-6)
+    assert F.mse_loss(Pm, Tm).item() == pytest.approx(mse, abs=2e-6)
+    assert F.l1_loss(Pm, Tm).item() == pytest.approx(l1, abs=2e-6)
+    assert 1 - F.cosine_similarity(Pm, Tm, dim=-1, eps=1e-6).mean().item() == pytest.approx(cos, abs=2e-6)
+    assert all(frozenset([0]) in _dtm_groups_of(G, b) for b in range(2))  # top-left patch: always a singleton
+
+
+def test_dtm_reference_groups_and_two_level_average():
+    P, T = _dtm_spec_inputs()
+    G = dtm.morph_partition(T, 14, 7)
+    sizes0, sizes1 = (G[b].sum(-1).sort(descending=True).values for b in range(2))
+    assert sizes0[:8].tolist() == [19, 15, 10, 8, 8, 7, 7, 6] and (sizes0 == 1).sum() == 79
+    assert sizes1[:8].tolist() == [8, 7, 5, 3, 3, 3, 3, 3] and (sizes1 == 1).sum() == 29
+    g14 = {14, 15, 16, 17, 18, 19, 22, 28, 42, 56, 70, 84, 98, 112, 126, 140, 154, 168, 182}
+    assert frozenset(g14) in _dtm_groups_of(G, 0)
+    assert frozenset({14, 15, 28}) in _dtm_groups_of(dtm.morph_partition(T, 50, 1), 0)
+    assert dtm.dtm_loss(P, T, [(0, 1)])[0].item() == pytest.approx(0.382084, abs=2e-6)  # identity
+    loss, groups = dtm.dtm_loss(P, T, [(14, 7), (50, 1)])
+    assert loss.item() == pytest.approx(0.304473, abs=2e-6) and groups.item() == (98 + 146) / 2
+
+
+# ----------------------------------------------------------------------------
+# Morphing invariants, checked against a literal per-image ToMe round written from spec Sec. 4.2
+
+def _dtm_tome_round(x, size, members, r):
+    """One image, plain Python: x list of feature tensors, size list, members list of position lists."""
+    t = len(x)
+    r = min(r, (t - 1) // 2)
+    if r <= 0:
+        return x, size, members
+    A, B = list(range(0, t, 2)), list(range(1, t, 2))
+    best = []
+    for a in A:
+        s = torch.stack([F.cosine_similarity(x[a], x[b], dim=0, eps=0) for b in B])
+        best.append((-math.inf, 0) if a == 0 else (s.max().item(), B[s.argmax().item()]))
+    order = sorted(range(len(A)), key=lambda j: -best[j][0])
+    src, kept = order[:r], sorted(order[r:])
+    nx, ns, nm = {b: x[b] * size[b] for b in B}, {b: size[b] for b in B}, {b: list(members[b]) for b in B}
+    for j in src:
+        a, b = A[j], best[j][1]
+        nx[b], ns[b], nm[b] = nx[b] + x[a] * size[a], ns[b] + size[a], nm[b] + members[a]
+    keep = [A[j] for j in kept]
+    return ([x[a] for a in keep] + [nx[b] / ns[b] for b in B], [size[a] for a in keep] + [ns[b] for b in B],
+            [members[a] for a in keep] + [nm[b] for b in B])
+
+
+@pytest.mark.parametrize("r,k", [(5, 3), (12, 1), (2, 8), (30, 2)])
+def test_dtm_partition_matches_literal_tome_and_group_means(r, k):
+    X = torch.randn(3, 36, 8, generator=torch.Generator().manual_seed(r * 100 + k)).double()
+    G = dtm.morph_partition(X, r, k)                                      # fp32 inside
+    assert set(G.unique().tolist()) == {0.0, 1.0} and (G.sum(1) == 1).all()  # one 1 per column
+    assert G.shape[1] == _dtm_remaining(36, r, k)
+    for b in range(3):
+        x, size, members = list(X[b].float()), [1.0] * 36, [[i] for i in range(36)]
+        for _ in range(k):
+            x, size, members = _dtm_tome_round(x, size, members, r)
+        assert _dtm_groups_of(G, b) == {frozenset(m) for m in members} and frozenset([0]) in _dtm_groups_of(G, b)
+        # morphing = the size-weighted merged features, broadcast back to every member position
+        morphed = dtm.morph(G[b:b + 1], X[b:b + 1].float())[0]
+        for feat, m in zip(x, members):
+            assert torch.allclose(morphed[m], feat.expand(len(m), -1), atol=1e-5)
+
+
+def test_dtm_no_merging_is_the_identity():
+    X = torch.randn(2, 16, 4)
+    for r, k in [(0, 5), (0, 1)]:
+        assert torch.equal(dtm.morph_partition(X, r, k), torch.eye(16).expand(2, 16, 16))
+    P = torch.randn(2, 16, 4)
+    assert torch.allclose(dtm.dtm_loss(P, X, [(0, 1)])[0], F.smooth_l1_loss(P, X, beta=2.0))
+    assert dtm.merge_round(X[:, :3], torch.eye(3).expand(2, 3, 3), 5)[0].shape[1] == 2  # (3-1)//2 = 1
+    assert dtm.merge_round(X[:, :2], torch.eye(2).expand(2, 2, 2), 5)[0].shape[1] == 2    # nothing to merge
+
+
+def test_dtm_schedule_rounding_exhaustive():
+    left = {(n, k): _dtm_remaining(196, dtm.per_round_r(n, k, 196), k) for n in range(197) for k in range(1, 15)}
+    for (n, k), g in [((196, 1), 99), ((196, 2), 50), ((196, 7), 15), ((196, 14), 8), ((150, 3), 49),
+                      ((100, 14), 84), ((10, 14), 182), ((1, 1), 195), ((0, 9), 196)]:
+        assert left[n, k] == g, (n, k)
+    vals = list(left.values())
+    assert min(vals) == 8 and max(vals) == 196 and statistics.median(vals) == 99
+    assert abs(statistics.mean(vals) - 98.5) < 0.5
+    assert 0.80 < sum(v != 196 - n for (n, k), v in left.items()) / len(left) < 0.86  # "83% of pairs"
+    assert dtm.per_round_r(195, 2, 196) == 98 and dtm.per_round_r(196, 3, 196) == 65  # ceil unless > n_max
+    for (n, k) in [(196, 7), (100, 14), (10, 14)]:  # the arithmetic agrees with the real matching
+        r = dtm.per_round_r(n, k, 196)
+        assert dtm.morph_partition(torch.randn(1, 196, 8), r, k).shape[1] == left[n, k]
+    torch.manual_seed(0)
+    for _ in range(50):
+        s = dtm.sample_schedule(2, 196, 14)
+        assert len(s) == 2 and all(0 <= r <= 196 and 1 <= k <= 14 and r * k <= 196 for r, k in s)
+
+
+# ----------------------------------------------------------------------------
+# The same G on both sides; gradients
+
+def test_dtm_same_partition_both_sides_and_gradients():
+    torch.manual_seed(0)
+    T = torch.randn(3, 64, 16)
+    P = torch.randn(3, 64, 16, requires_grad=True)
+    # same G on both sides: predictions equal to the targets give exactly zero loss for any schedule
+    assert dtm.dtm_loss(T.clone(), T, [(10, 3), (40, 1)])[0].item() == 0.0
+    G = dtm.morph_partition(T, 10, 3)
+    manual = F.smooth_l1_loss(dtm.morph(G, P), dtm.morph(G, T), beta=2.0)
+    assert torch.allclose(dtm.dtm_loss(P, T, [(10, 3)])[0], manual)
+    # G comes from the targets only: changing the predictions leaves it alone
+    assert torch.equal(dtm.morph_partition(T, 10, 3), G)
+    loss, _ = dtm.dtm_loss(P, T, [(10, 3), (40, 1)])
+    loss.backward()
+    assert (P.grad.abs().sum(-1) > 0).all()  # every position of every image gets a gradient
+
+
+def _dtm_tiny_cfg(*extra):
+    return dtm.parse_config(TINY + ["--out_dir", "/nonexistent"] + list(extra))
+
+
+def test_dtm_model_gradients_reach_student_only():
+    torch.manual_seed(0)
+    model = dtm.Model(_dtm_tiny_cfg())                                          # ema teacher (default)
+    x = torch.randn(4, 3, 32, 32)
+    model.teacher.norm.bias.data.fill_(3.0)                                # as if the EMA had drifted
+    target = model.targets(x)
+    assert target.shape == (4, 64, 32) and not target.requires_grad
+    assert torch.allclose(target.mean(-1), torch.zeros(4, 64), atol=1e-5)  # per-token LayerNorm of targets
+    loss, stats = model(x, target)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert model.mask_token.grad.abs().sum() > 0 and model.encoder.patch_embed.weight.grad.abs().sum() > 0
+    assert model.head.weight.shape == (32, 32) and set(stats) == {"groups", "tgt_std"}
+    before = [p.clone() for p in model.teacher.parameters()]
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.ema_update(0.9)
+    for b, t, s in zip(before, model.teacher.parameters(), model.encoder.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * s, atol=1e-6)
+
+
+def test_dtm_morph_off_is_token_wise():
+    model = dtm.Model(_dtm_tiny_cfg("--morph", "off", "--teacher", "random"))
+    mask, schedule = model.mask_and_schedule(4, 8, 8, "cpu")
+    assert schedule == [(0, 1)]
+    torch.manual_seed(0)
+    model_on = dtm.Model(_dtm_tiny_cfg("--teacher", "random"))
+    assert all(torch.equal(a, b) for a, b in zip(model.teacher.parameters(), model_on.teacher.parameters()))
+    assert len(model_on.mask_and_schedule(4, 8, 8, "cpu")[1]) == 2
+
+
+# ----------------------------------------------------------------------------
+# Masking
+
+@pytest.mark.parametrize("g,M,min_block", [(14, 75, 16), (8, 26, 4)])
+def test_dtm_block_mask_exact_count_and_blocks(g, M, min_block):
+    torch.manual_seed(0)
+    mask = dtm.block_mask(512, g, g, M, min_block)
+    assert mask.dtype == torch.bool and mask.shape == (512, g * g) and (mask.sum(1) == M).all()
+    m = mask.view(512, g, g).float()
+    pad = F.pad(m, (1, 1, 1, 1))
+    neighbours = pad[:, :-2, 1:-1] + pad[:, 2:, 1:-1] + pad[:, 1:-1, :-2] + pad[:, 1:-1, 2:]
+    clustered = ((neighbours >= 2) & (m > 0)).sum() / m.sum()             # masked with >= 2 masked neighbours
+    rand = torch.rand(512, g * g).argsort(1) < M
+    rp = F.pad(rand.view(512, g, g).float(), (1, 1, 1, 1))
+    rand_cl = (((rp[:, :-2, 1:-1] + rp[:, 2:, 1:-1] + rp[:, 1:-1, :-2] + rp[:, 1:-1, 2:]) >= 2) & rand.view(512, g, g)).sum() / rand.sum()
+    assert clustered > 0.8 and rand_cl < 0.6, (clustered, rand_cl)
+    assert not torch.equal(mask[0], mask[1])
+    with pytest.raises(SystemExit, match="--mask_ratio"):
+        dtm.block_mask(2, g, g, g * g, min_block)
+
+
+# ----------------------------------------------------------------------------
+# Teachers
+
+def _dtm_openai_state_dict(width=128, layers=2, patch=4, grid=14, out=512, seed=0):
+    """Random weights under OpenAI CLIP's key names (visual tower + one text key), fp16 like the release."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05
+    sd = {"visual.conv1.weight": r(width, 3, patch, patch), "visual.class_embedding": r(width),
+          "visual.positional_embedding": r(grid * grid + 1, width), "visual.proj": r(width, out),
+          "transformer.resblocks.0.ln_1.weight": r(8), "token_embedding.weight": r(10, 8)}
+    for n in ("ln_pre", "ln_post"):
+        sd[f"visual.{n}.weight"], sd[f"visual.{n}.bias"] = 1 + r(width), r(width)
+    for i in range(layers):
+        p = f"visual.transformer.resblocks.{i}."
+        sd |= {p + "attn.in_proj_weight": r(3 * width, width), p + "attn.in_proj_bias": r(3 * width),
+               p + "attn.out_proj.weight": r(width, width), p + "attn.out_proj.bias": r(width),
+               p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width), p + "ln_2.weight": 1 + r(width),
+               p + "ln_2.bias": r(width), p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
+               p + "mlp.c_proj.weight": r(width, 4 * width), p + "mlp.c_proj.bias": r(width)}
+    return {k: v.half() for k, v in sd.items()}
+
+
+def _dtm_clip_reference(sd, images, heads):
+    """OpenAI CLIP's visual forward written out from the state dict; targets = ln_post(patches) @ proj."""
+    sd = {k[7:]: v.float() for k, v in sd.items() if k.startswith("visual.")}
+    ln = lambda x, n: F.layer_norm(x, x.shape[-1:], sd[n + ".weight"], sd[n + ".bias"], 1e-5)
+    p = sd["conv1.weight"].shape[-1]
+    x = F.conv2d(images, sd["conv1.weight"], stride=p).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["class_embedding"].expand(len(x), 1, -1), x], 1) + sd["positional_embedding"]
+    x = ln(x, "ln_pre")
+    B, T, W = x.shape
+    for i in range(sum(k.endswith("attn.in_proj_weight") for k in sd)):
+        q = f"transformer.resblocks.{i}."
+        y = ln(x, q + "ln_1") @ sd[q + "attn.in_proj_weight"].T + sd[q + "attn.in_proj_bias"]
+        qh, kh, vh = (t.view(B, T, heads, -1).transpose(1, 2) for t in y.chunk(3, -1))
+        a = ((qh @ kh.transpose(-1, -2)) / math.sqrt(W // heads)).softmax(-1) @ vh
+        x = x + a.transpose(1, 2).reshape(B, T, W) @ sd[q + "attn.out_proj.weight"].T + sd[q + "attn.out_proj.bias"]
+        h = ln(x, q + "ln_2") @ sd[q + "mlp.c_fc.weight"].T + sd[q + "mlp.c_fc.bias"]
+        x = x + (h * torch.sigmoid(1.702 * h)) @ sd[q + "mlp.c_proj.weight"].T + sd[q + "mlp.c_proj.bias"]
+    return ln(x[:, 1:], "ln_post") @ sd["proj"]
+
+
+def _dtm_save_torchscript(sd, path):
+    """An OpenAI-style TorchScript archive: a scripted module whose parameters carry OpenAI's names."""
+    class Archive(torch.nn.Module):
+        def forward(self, x):
+            return x
+    root = Archive()
+    for key, v in sd.items():
+        m = root
+        for name in key.split(".")[:-1]:
+            m = getattr(m, name) if hasattr(m, name) else m.add_module(name, torch.nn.Module()) or getattr(m, name)
+        m.register_parameter(key.split(".")[-1], torch.nn.Parameter(v, requires_grad=False))
+    torch.jit.save(torch.jit.script(root), path)
+
+
+def test_dtm_clip_teacher_loads_openai_names_and_pools_to_grid(tmp_path):
+    sd = _dtm_openai_state_dict()
+    torch.save(sd, tmp_path / "clip.pt")
+    _dtm_save_torchscript(sd, str(tmp_path / "ViT-B-16.pt"))
+    x56 = torch.randn(2, 3, 56, 56)
+    for name in ("ViT-B-16.pt", "clip.pt"):                               # both OpenAI formats
+        model = dtm.Model(_dtm_tiny_cfg("--teacher", "clip", "--teacher_ckpt", str(tmp_path / name)))
+        assert model.teacher.input_size == 56 and model.head.out_features == 512
+        assert torch.allclose(model.teacher(x56), _dtm_clip_reference(sd, x56, heads=2), atol=1e-4), name
+    x = torch.randn(2, 3, 32, 32)                                          # student: 8 x 8 patches of 4 px
+    target = model.targets(x)                                              # teacher: 14 x 14 at 56 px
+    assert target.shape == (2, 64, 512) and target.dtype == torch.float32
+    full = _dtm_clip_reference(sd, F.interpolate(x, (56, 56), mode="bicubic"), heads=2)  # (2, 196, 512)
+    cell = full.view(2, 14, 14, 512)[:, 0:2, 0:2].mean((1, 2))            # adaptive pool: patch (0,0) <- 2x2
+    assert torch.allclose(target[:, 0], cell, atol=1e-4)
+    loss, _ = model(x, target)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters()) and torch.isfinite(loss)
+
+
+def test_dtm_teacher_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="--teacher_ckpt"):
+        dtm.Model(_dtm_tiny_cfg("--teacher", "clip"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read --teacher_ckpt"):
+        dtm.Model(_dtm_tiny_cfg("--teacher", "clip", "--teacher_ckpt", str(tmp_path / "junk.pt")))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="no CLIP image tower"):
+        dtm.Model(_dtm_tiny_cfg("--teacher", "clip", "--teacher_ckpt", str(tmp_path / "other.pt")))
+    for flags, hint in [(["--teacher", "dino"], "choose clip, ema or random"), (["--morph", "maybe"], "on or off")]:
+        with pytest.raises(SystemExit, match=hint):
+            dtm.Model(_dtm_tiny_cfg(*flags))
+
+
+# ----------------------------------------------------------------------------
+# Learning
+
+def test_dtm_overfits_one_batch():
+    torch.manual_seed(0)
+    model = dtm.Model(_dtm_tiny_cfg("--teacher", "random"))                     # fixed targets
+    x = torch.randn(8, 3, 32, 32)
+    target = model.targets(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss, _ = model(x, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
+
+
+def test_dtm_ema_teacher_does_not_collapse_and_probe_features(tmp_path):
+    dtm.train(dtm.parse_config(TINY + ["--max_steps", "24", "--blr", "0.01", "--warmup_epochs", "0",
+                                       "--vis_every", "24", "--out_dir", str(tmp_path)]))  # in-process: no start-up cost
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 12 and all(r["tgt_std"] > 0.3 for r in rows), [r["tgt_std"] for r in rows]
+    assert rows[-1]["loss"] < rows[0]["loss"] and (tmp_path / "vis_0000024.png").exists()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    moved = [(ckpt["model"]["teacher." + k] - v).abs().max() for k, v in dtm.Model(_dtm_tiny_cfg()).teacher.state_dict().items()]
+    assert max(moved) > 1e-4  # the EMA teacher followed the student
+    enc, rnd = dtm.load_encoder(ckpt), dtm.load_encoder(ckpt, random_init=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        f = enc(x)
+        vit = dtm.build_vit("vit_pico", 32, 4, layer_scale=0.1)
+        vit.load_state_dict({k[8:]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
+        assert f.shape == (3, 32) and torch.allclose(f, vit(x)[:, 1:].mean(1))  # mean-pooled student tokens
+        assert not torch.allclose(f, rnd(x))
+
+
+# ----------------------------------------------------------------------------
+# Method: A2MIM (a2mim.py)
+
+_a2mim_RES = ["--data", "synthetic", "--model", "resnet_micro", "--batch_size", "8", "--num_workers", "0",
+       "--log_every", "2", "--warmup_epochs", "0", "--blr", "0.01"]
+
+
+def _a2mim_cfg_of(*args):
+    return a2mim.parse_config(["--data", "synthetic", *args])
+
+
+def test_a2mim_cell_mask_exact_count_alignment_and_official_seed():
+    torch.manual_seed(0)
+    for cells, n in [(49, 30), (64, 39), (16, 10)]:
+        m = a2mim.cell_mask(torch.rand(6, cells), math.ceil(cells * 0.6))
+        assert m.dtype == torch.bool and m.shape == (6, cells) and (m.sum(1) == n).all()
+    # same draw as the official generator (np.random.seed(0); permutation(49)[:30]), spec Sec. 9
+    np.random.seed(0)
+    perm = torch.tensor(np.random.permutation(49))
+    noise = torch.empty(49).scatter_(0, perm, torch.arange(49.0))[None]   # rank of each cell
+    got = set(a2mim.cell_mask(noise, 30)[0].nonzero().flatten().tolist())
+    assert got == {2, 4, 5, 7, 8, 10, 11, 13, 15, 16, 17, 18, 20, 22, *range(25, 35), 37, 40, 41, 42, 46, 48}
+    pix = a2mim.expand_mask(m, 4)                                          # (6, 16, 16): aligned 4x4 blocks
+    assert torch.equal(pix[:, ::4, ::4].flatten(1), m) and torch.equal(pix, pix[:, ::4, ::4].repeat_interleave(4, 1)
+                                                                       .repeat_interleave(4, 2))
+
+
+def test_a2mim_fill_is_per_image_channel_mean_in_hidden_cells_only():
+    x = torch.randn(3, 3, 32, 32) + torch.arange(3.0).view(1, 3, 1, 1)
+    m = a2mim.cell_mask(torch.rand(3, 64), 39)
+    pix = a2mim.expand_mask(m, 4)[:, None].expand_as(x)
+    for fill, value in [("mean", x.mean((2, 3), keepdim=True).expand_as(x)), ("zero", torch.zeros_like(x))]:
+        y = a2mim.fill_cells(x, m, fill)
+        assert torch.equal(y[~pix], x[~pix]) and torch.allclose(y[pix], value[pix])
+
+
+@pytest.mark.parametrize("model,extra,feat_hw,r", [("resnet_micro", [], 8, 1),                 # CIFAR stem, stride 4
+                                                   ("resnet_micro", ["--img_size", "128", "--mask_patch", "32"], 8, 2),
+                                                   ("resnet_micro", ["--mask_layer", "0"], 32, 4),
+                                                   ("vit_pico", ["--patch_size", "2"], 16, 2)])
+def test_a2mim_the_cell_mask_reaches_the_injection_grid(model, extra, feat_hw, r, monkeypatch):
+    seen = {}
+    add, enc = a2mim.add_mask_token, a2mim.vit_encode
+
+    def spy_add(feat, mm, *a):
+        seen.update(hw=feat.shape[-1], mm=mm)
+        return add(feat, mm, *a)
+
+    def spy_vit(vit, x, mm, *a):
+        seen.update(hw=vit.patch_embed(x).shape[-1], mm=mm)
+        return enc(vit, x, mm, *a)
+    monkeypatch.setattr(a2mim, "add_mask_token", spy_add)
+    monkeypatch.setattr(a2mim, "vit_encode", spy_vit)
+    model = a2mim.Model(_a2mim_cfg_of("--model", model, *extra))
+    x, pred, mask = model.reconstruct(torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size))
+    assert pred.shape == x.shape and model.rep == r and seen["hw"] == feat_hw
+    assert torch.equal(seen["mm"], a2mim.expand_mask(mask, r)) and seen["mm"].shape[-1] == feat_hw
+
+
+def _a2mim_anchor():
+    """The spec's deterministic loss case (Sec. 9): target x, prediction y, 2x2 cell masks of 16 px."""
+    b, c, h, w = (torch.arange(n, dtype=torch.float64).view(*s) for n, s in
+                  [(2, (2, 1, 1, 1)), (3, (1, 3, 1, 1)), (32, (1, 1, 32, 1)), (32, (1, 1, 1, 32))])
+    x = torch.sin(0.1 * (h + 1) * (c + 1)) + torch.cos(0.07 * (w + 1) * (b + 1))
+    y = 0.5 * x + 0.1 * torch.cos(0.05 * (h + 2 * w + 1) * (c + 1))
+    return x, y, torch.tensor([[1, 0, 0, 1], [0, 1, 1, 1]]).bool()
+
+
+@pytest.mark.parametrize("setting,ref", [
+    (("focal_l1", 0.5, 1e-3), (0.0815465579, 0.0252130380, -0.0526547156, 0.2365661163)),   # ResNet head
+    (("l1", 0.1, 0.0), (0.4213021839, 0.4100401185, -0.1263548334, 1.0286423957))])         # ViT head
+def test_a2mim_loss_matches_the_official_values(setting, ref):
+    x, y, cells = _a2mim_anchor()
+    y = y.float().requires_grad_()
+    loss, spa, freq = a2mim.a2mim_loss(y, x.float(), a2mim.expand_mask(cells, 16)[:, None], *setting)
+    loss.backward()
+    got = (loss.item(), spa.item(), y.grad.sum().item(), y.grad.abs().sum().item())
+    assert got == pytest.approx(ref, rel=2e-5, abs=1e-7)
+    assert a2mim.focal_frequency_loss(y.detach(), x.float()).item() == pytest.approx(0.1674219365, rel=1e-5)
+
+
+def test_a2mim_focal_l1_values_and_baseline_switch():
+    for e, ref in [(0.5, 0.0249792), (1.0, 0.0996680), (3.0, 0.8739378)]:
+        pred, mask = torch.full((1, 3, 1, 1), e), torch.ones(1, 1, 1, 1, dtype=torch.bool)
+        assert a2mim.a2mim_loss(pred, torch.zeros_like(pred), mask, "focal_l1", 0.0)[0].item() == pytest.approx(ref, rel=2e-5)
+    x, y, cells = _a2mim_anchor()
+    loss, spa, freq = a2mim.a2mim_loss(y, x, a2mim.expand_mask(cells, 16)[:, None], "l1", 0.0)
+    assert loss == spa and freq > 0  # --freq_weight 0: spatial loss only (the frequency term is still logged)
+
+
+def test_a2mim_mask_token_is_added_not_substituted():
+    f, mm = torch.randn(2, 6, 4, 4), torch.rand(2, 4, 4) < 0.5
+    t, g = torch.randn(1, 6, 1, 1), torch.rand(1, 6, 1, 1)
+    assert torch.equal(a2mim.add_mask_token(f, mm, torch.zeros_like(t), torch.ones_like(g)), f)  # identity gate
+    assert torch.equal(a2mim.add_mask_token(f, mm, torch.zeros_like(t)), f)                     # no gate
+    out, m = a2mim.add_mask_token(f, mm, t, g), mm[:, None].float()
+    assert torch.allclose(out, f * (1 - m) + g * f * m + t * m) and torch.equal(out * (1 - m), f * (1 - m))
+    # ViT: the token reaches block `layer` as + token on hidden patch tokens only ([CLS] untouched)
+    torch.manual_seed(0)
+    vit = a2mim.build_vit("vit_pico", 16, 4)
+    img, mm, tok = torch.randn(2, 3, 16, 16), torch.rand(2, 4, 4) < 0.5, torch.randn(1, 1, 32)
+    assert torch.allclose(a2mim.vit_encode(vit, img, mm, torch.zeros_like(tok), 0), vit(img), atol=1e-6)
+    got = []
+    vit.blocks[1].register_forward_pre_hook(lambda mod, inp: got.append(inp[0]))
+    a2mim.vit_encode(vit, img, mm, tok, 1), a2mim.vit_encode(vit, img, mm, torch.zeros_like(tok), 1)
+    diff = got[0] - got[1]                                                 # (B, 1+N, D)
+    assert diff[:, 0].abs().max() == 0 and torch.allclose(diff[:, 1:], mm.flatten(1)[..., None] * tok, atol=1e-6)
+    # baseline --fill zero --mask_layer 0 == SimMIM's substitution by a learnable token (bias + token)
+    zero = a2mim.fill_cells(img, mm.flatten(1), "zero")
+    simmim = vit(zero, mask=mm.flatten(1), mask_token=vit.patch_embed.bias + tok)
+    assert torch.allclose(a2mim.vit_encode(vit, zero, mm, tok, 0), simmim, atol=1e-5)
+
+
+def test_a2mim_presets_pick_the_backbone_recipe():
+    r = a2mim.parse_config(["--data", "imagenet"])
+    v = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])
+    assert (r.model, r.img_size, r.mask_patch, r.mask_layer, r.spatial_loss, r.freq_weight, r.unmask_weight,
+            r.mask_gamma, r.epochs, r.step_epoch) == ("resnet50", 224, 32, 3, "focal_l1", 0.5, 1e-3, 1e-6, 300, 0)
+    assert (v.patch_size, v.mask_layer, v.spatial_loss, v.freq_weight, v.unmask_weight, v.mask_gamma, v.epochs,
+            v.step_epoch) == (16, 0, "l1", 0.1, 0.0, 0.0, 800, 700)
+    assert r.blr * 2048 / 256 == pytest.approx(1.2e-3) and v.blr * 2048 / 256 == pytest.approx(4e-4)
+    c = a2mim.parse_config(["--data", "cifar10"])
+    assert (c.model, c.img_size, c.mask_patch, c.blr * 512 / 256) == ("resnet18", 32, 4, pytest.approx(1.2e-3))
+    t = a2mim.parse_config(["--data", "cifar10", "--model", "vit_tiny", "--freq_weight", "0"])
+    assert (t.freq_weight, t.spatial_loss, t.blr * 512 / 256) == (0, "l1", pytest.approx(5e-4))
+
+
+@pytest.mark.parametrize("model,dim", [("resnet_micro", 256), ("vit_pico", 32)])
+def test_a2mim_overfits_one_fixed_batch(model, dim):
+    torch.manual_seed(0)
+    net = a2mim.Model(_a2mim_cfg_of("--model", model))
+    tf, ds = common.eval_transform("synthetic", 32), common.Synthetic(8, 32)
+    images, noise = torch.stack([tf(ds[i][0]) for i in range(8)]), torch.rand(8, 64)  # one batch, one mask
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss, stats = net(images, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0], losses
+    assert set(stats) == {"spatial", "freq"}
+    assert torch.nn.Sequential(net.encoder, a2mim.Pool()).eval()(images).shape == (8, dim)
+
+
+def test_a2mim_resnet_resume_groups_and_probe(tmp_path, capsys):
+    s, h = tmp_path / "straight", tmp_path / "halves"
+    run_inprocess("a2mim", _a2mim_RES + ["--max_steps", "4"], s, capsys)
+    run_inprocess("a2mim", _a2mim_RES + ["--max_steps", "2"], h, capsys)
+    assert "resumed" in run_inprocess("a2mim", _a2mim_RES + ["--max_steps", "4"], h, capsys)
+    A, B = load_ckpt(s), load_ckpt(h)
+    assert max_param_diff(A["model"], B["model"]) < 1e-6 and torch.equal(A["model"]["encoder.stem.1.running_var"],
+                                                                        B["model"]["encoder.stem.1.running_var"])
+    # mask token + gate: their own group, 0.1x lr, no weight decay (Sec. 5.1)
+    groups, state = A["optimizer"]["param_groups"], A["optimizer"]["state"]
+    tok = [g for g in groups if "lr_scale" in g]
+    assert len(tok) == 1 and tok[0]["lr_scale"] == 0.1 and tok[0]["weight_decay"] == 0.0
+    assert [state[i]["exp_avg"].shape for i in tok[0]["params"]] == [(1, 128, 1, 1)] * 2
+    assert tok[0]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
+    enc = a2mim.load_encoder(A)
+    assert isinstance(enc[0], a2mim.ResNet) and not enc.training
+    res = common.probe(enc, "synthetic", "", 32, num_workers=0, epochs=3, synthetic_size=200)
+    assert res["dim"] == 256 and 0 <= res["linear_top1"] <= 100
+
+
+def test_a2mim_resnet_torchrun_two_processes(tmp_path):
+    r = run_torchrun("a2mim.py", _a2mim_RES + ["--max_steps", "2"], tmp_path)
+    assert "device cpu x 2" in r.stdout and re.search(r"^summary \| .*steps 2", r.stdout, re.M)
+
+
+def test_a2mim_bad_inputs_are_one_line_errors():
+    for args, hint in [(["--model", "resnet_micro", "--mask_patch", "6"], "--mask_patch"),
+                       (["--model", "resnet_micro", "--mask_layer", "4"], "--mask_layer"),
+                       (["--model", "vit_pico", "--patch_size", "8"], "--mask_patch"),
+                       (["--model", "resnet_micro", "--fill", "noise"], "--fill"),
+                       (["--model", "resnet7"], "unknown --model")]:
+        with pytest.raises(SystemExit, match=hint):
+            a2mim.Model(_a2mim_cfg_of(*args))
+
+
+# ----------------------------------------------------------------------------
+# Method: ExtreMA (extrema.py)
+
+def _extrema_tiny_cfg(**kw):
+    return ex.parse_config(TINY + [a for k, v in kw.items() for a in (f"--{k}", str(v))])
+
+
+def test_extrema_masks_disjoint_exact_uniform_and_the_fit_error():
+    assert [ex.check_masks(196, 1, r) for r in (0.75, 0.8, 0.85, 0.9)] == [49, 39, 29, 19]  # spec Sec. 3 (floor)
+    torch.manual_seed(0)
+    B, N, K = 4000, 64, 5
+    noise = torch.rand(B, N)
+    keep = ex.multi_mask(noise, K, 0.8)                                     # (K*B, 12)
+    assert keep.shape == (K * B, 12) and keep.dtype == torch.long
+    per_image = keep.view(K, B, 12).transpose(0, 1).reshape(B, K * 12)       # the K masks of each image
+    assert (per_image.sort(1).values.diff(dim=1) > 0).all()                  # disjoint: 60 distinct tokens
+    # the official rule: mask k = slice k of the argsort of the same noise (spec check #2)
+    assert torch.equal(keep.view(K, B, 12)[2], noise.argsort(1)[:, 24:36])
+    # uniform: every token is visible in every mask with probability 12/64
+    freq = torch.zeros(K, N).scatter_add_(1, keep.view(K, B * 12), torch.ones(K, B * 12)) / B
+    assert (freq - 12 / N).abs().max() < 5 * math.sqrt(12 / N * (1 - 12 / N) / B)
+    with pytest.raises(SystemExit, match="--num_masks 6 .* 12 visible .* 64 patches"):
+        ex.multi_mask(noise[:2], 6, 0.8)                                      # 72 > 64
+    with pytest.raises(SystemExit, match="--num_masks"):
+        ex.check_masks(64, 1, 0.99)                                           # no visible token at all
+
+
+def test_extrema_encoder_attends_only_to_visible_tokens_and_pools_with_the_class_token():
+    torch.manual_seed(0)
+    cfg = _extrema_tiny_cfg(proj_hidden=64, proj_dim=16)
+    enc = ex.ExtremaEncoder(cfg, drop_path=0.0)
+    lens, queries = [], []
+    enc.blocks[0].register_forward_hook(lambda m, inp, out: lens.append(inp[0].shape))
+    enc.blocks_token[1].attn.q.register_forward_hook(lambda m, inp, out: queries.append(inp[0].shape))
+    x = torch.randn(3, 3, 32, 32)
+    keep = ex.multi_mask(torch.rand(3, 64), 5, 0.8)
+    out = enc(x, keep)
+    assert lens[-1] == (15, 12, 32) and out.shape == (15, 32)                # K*B sequences of 12 tokens, no cls
+    assert queries[-1] == (15, 1, 32)                                         # the class token is the only query
+    enc(x)
+    assert lens[-1] == (3, 64, 32)                                            # the target view: all tokens
+    # reference: trunk tokens stay fixed, each CA block = explicit softmax with the class token as only query
+    trunk = []
+    enc.blocks[-1].register_forward_hook(lambda m, inp, out: trunk.append(out))
+    out = enc(x, keep)
+    t, cls = trunk[-1], enc.cls_token.expand(15, 1, 32)
+    for blk in enc.blocks_token:
+        u = blk.norm1(torch.cat([cls, t], 1))
+        q, k, v = (f(u).view(15, -1, 2, 16).transpose(1, 2) for f in (blk.attn.q, blk.attn.k, blk.attn.v))
+        a = (q[:, :, :1] @ k.transpose(-1, -2) / 4).softmax(-1) @ v           # (15, h, 1, 16)
+        cls = cls + blk.gamma_1 * blk.attn.proj(a.transpose(1, 2).reshape(15, 1, 32))
+        cls = cls + blk.gamma_2 * blk.mlp(blk.norm2(cls))
+    torch.testing.assert_close(out, enc.norm(cls[:, 0]), atol=1e-5, rtol=1e-5)
+    # order of the visible tokens does not matter (spec check #4); a different mask does
+    torch.testing.assert_close(enc(x, keep.flip(1)), out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(enc(x, keep.roll(1, 0)), out, atol=1e-3)
+    assert torch.allclose(enc.blocks_token[0].gamma_1, torch.full((32,), 0.1))
+
+
+def test_extrema_loss_target_gradient_ema_and_schedules():
+    torch.manual_seed(0)
+    z = torch.randn(4, 8)
+    q = torch.randn(3 * 4, 8)
+    ref = torch.stack([(F.normalize(q[k * 4:(k + 1) * 4], dim=1) - F.normalize(z, dim=1)).pow(2).sum(1).mean()
+                       for k in range(3)]).mean()                             # mean over masks of batch means
+    torch.testing.assert_close(ex.extrema_loss(q, z), ref)
+    torch.testing.assert_close(ex.extrema_loss(q, z), (2 - 2 * F.cosine_similarity(q, z.repeat(3, 1))).mean())
+    assert ex.extrema_loss(z.repeat(2, 1), z).item() < 1e-6 and abs(ex.extrema_loss(-z, z).item() - 4) < 1e-5
+    # the target gets no gradient; the online branch does
+    cfg = _extrema_tiny_cfg(proj_hidden=64, proj_dim=16)
+    model = ex.Model(cfg)
+    target = ex.make_target(cfg, model.encoder)
+    x = torch.randn(2, 3, 32, 32)
+    zt = target.head(target(x))
+    loss, stats = model(x, zt)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in target.parameters())
+    assert all(p.grad is not None for p in model.parameters()) and set(stats) == {"mask_cos", "z_std"}
+    assert all(d.p == 0 for d in target.modules() if isinstance(d, ex.DropPath))
+    # EMA: t <- m t + (1 - m) o, parameter by parameter
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    ex.ema_update(target, model.encoder, 0.9)
+    online = model.encoder.state_dict()
+    for k, v in target.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * online[k])
+    # momentum: cosine 0.996 -> 1 over the run
+    ms = [ex.ema_momentum(s, 1000, 0.996) for s in (0, 500, 1000)]
+    assert ms[0] == pytest.approx(0.996) and ms[1] == pytest.approx(0.998) and ms[2] == pytest.approx(1.0)
+    # weight decay split of ViT-S + 3-layer projector + 2-layer predictor: 66 decay / 135 not (spec check #10)
+    big = ex.Model(ex.parse_config(["--model", "vit_small", "--proj_hidden", "32"]))
+    decay, no_decay = (len(g["params"]) for g in ex.param_groups(big, 0.1))
+    assert (decay, no_decay) == (66, 135)
+
+
+def test_extrema_views_share_crop_and_flip_but_not_colour():
+    rng = np.random.default_rng(0)
+    tex = np.kron(rng.uniform(0.35, 0.6, (16, 16)), np.ones((4, 4)))         # blocky grey texture, 64 px
+    img = Image.fromarray((np.stack([tex] * 3, -1) * 255).astype(np.uint8))
+    tf = common.SharedCropTwoColors("synthetic", 32)
+    corr_same, corr_indep, differ = [], [], 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        v1, v2 = tf(img)
+        corr_same.append(np.corrcoef(v1[0].flatten(), v2[0].flatten())[0, 1])
+        differ += not torch.allclose(v1, v2, atol=1e-3)
+        w1, w2 = tf(img)[0], tf(img)[0]                                        # two separate crops, for contrast
+        corr_indep.append(np.corrcoef(w1[0].flatten(), w2[0].flatten())[0, 1])
+    assert min(corr_same) > 0.95 and np.median(corr_indep) < 0.6              # same geometry, unlike 2 crops
+    assert differ >= 8                                                         # colours drawn per view
+
+
+def test_extrema_overfits_one_fixed_batch():
+    torch.manual_seed(0)
+    cfg = _extrema_tiny_cfg(proj_hidden=128, ema_momentum=0.9)
+    model = ex.Model(cfg)
+    target = ex.make_target(cfg, model.encoder)
+    opt = torch.optim.AdamW(ex.param_groups(model, 0.05), lr=2e-3, betas=(0.9, 0.95))
+    x = torch.randn(8, 3, 32, 32)
+    losses = []
+    for step in range(30):
+        ex.ema_update(target, model.encoder, ex.ema_momentum(step, 30, cfg.ema_momentum))
+        with torch.no_grad():
+            z = target.head(target(x))
+        loss, _ = model(x, z)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and np.mean(losses[-5:]) < 0.3 * np.mean(losses[:3]), losses
+
+
+@pytest.fixture(scope="module")
+def _extrema_resumed(tmp_path_factory):
+    """4 steps straight vs 2 + resume + 2, in this process (the subprocess contract is tested generically)."""
+    a, b = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("halves")
+    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=a, vis_every=4))
+    ex.train(_extrema_tiny_cfg(max_steps=2, out_dir=b))
+    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=b))
+    return a, b
+
+
+def test_extrema_resume_is_equivalent(_extrema_resumed):
+    a, b = (load_ckpt(d) for d in _extrema_resumed)
+    assert a["step"] == b["step"] == 4 and a["method"] == "extrema"
+    assert max_param_diff(a["model"], b["model"]) < 1e-5 and max_param_diff(a["target"], b["target"]) < 1e-5
+    online = {k[len("encoder."):]: v for k, v in a["model"].items() if k.startswith("encoder.")}
+    assert max_param_diff(a["target"], online) > 0                            # the target really is a lagging copy
+    assert os.path.exists(os.path.join(_extrema_resumed[0], "vis_0000004.png"))
+    assert "resumed from" in open(os.path.join(_extrema_resumed[1], "log.txt")).read()
+
+
+def test_extrema_load_encoder_gives_the_ema_pooled_vector_and_probes(_extrema_resumed):
+    ckpt = load_ckpt(_extrema_resumed[0])
+    enc = ex.load_encoder(ckpt)
+    x = torch.randn(5, 3, 32, 32)
+    full = ex.ExtremaEncoder(ex.Config(**ckpt["config"]), 0.0)
+    full.load_state_dict(ckpt["target"])
+    with torch.no_grad():
+        f = enc(x)
+        # final LN removed: re-applying the target's LN to the feature gives the target's output
+        torch.testing.assert_close(F.layer_norm(f, (32,), full.norm.weight, full.norm.bias, 1e-6), full(x))
+    assert f.shape == (5, 32) and not enc.training
+    res = common.probe(enc, "synthetic", "data", 32, num_workers=0, epochs=5, synthetic_size=200)
+    assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100 and res["dim"] == 32
+
+
+def test_extrema_bad_mask_setting_is_a_one_line_error_before_any_output(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ex.train(_extrema_tiny_cfg(num_masks=6, max_steps=2, out_dir=tmp_path / "run"))
+    assert "--num_masks" in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")

@@ -1,0 +1,700 @@
+"""AMT — MAE with attention-driven masking and throwing.
+
+Liu, Gui, Luo, "Good helper is around you: Attention-driven Masked Image Modeling", AAAI 2023
+(arXiv 2211.15362). Official code: github.com/guijiejie/AMT (mae-AMT/, a fork of facebookresearch/mae).
+
+Idea: MAE (encoder on visible patches only, a light decoder reconstructs the masked ones, MSE on normalised
+pixels) where the model's own attention decides what is hidden. Every `refresh_every` epochs the encoder sees
+each whole training image and its last block's [CLS] -> patch attention (per-head min-max, head mean) is
+stored. In training the map follows the image's crop and flip, and patches are drawn in random order with
+probability proportional to it: the first 45 % are masked (reconstructed), the next 40 % thrown (in neither
+encoder, decoder nor loss), the rest (mostly background) visible. Until then (`amt_start`): MAE, 75 % random.
+
+Differs from the others in: a per-image attention store (CPU, fp16) refreshed over the train set; a weighted
+draw without replacement; a third kind of token, thrown: fewer tokens in encoder AND decoder (31/50, 119/197).
+
+Deviations from the official code:
+- the map is cropped with the image's own crop box (the intent); the released loader divides the box by the
+  image size, so every crop used the top-left 2x2..3x3 cells of its map (a bug, not reproduced here);
+- norm_pix_loss on (MAE's recommended target; the released command trains on raw pixels); mask / throw
+  0.45 / 0.40 (the model's defaults; the released CLI defaults 0.75 / 0 throw nothing);
+- AMT start / refresh interval are flags (10 % of the run), not a literal 40 and the warm-up length; the maps
+  are made when an epoch needing them starts (= after the previous one), checkpointed, remade only if missing;
+- the draw sorts w / Exp(1) keys (bitwise what torch.multinomial does on CPU); a map with no positive
+  weight is drawn uniformly and a constant head gives zeros, where the official code fails or gives NaN;
+- bf16 autocast on CUDA, not fp16 + GradScaler; no gradient accumulation; the refresh batch is --batch_size.
+
+Run:
+    python amt.py --data synthetic --max_steps 50                    # CPU smoke run, AMT from epoch 1
+    torchrun --nproc_per_node=8 amt.py --data imagenet --data_dir /path/to/imagenet
+    python amt.py --data cifar10 --amt off                           # the MAE baseline, same recipe
+    python amt.py --data cifar10 --mask_ratio 0.75 --throw_ratio 0   # attention-driven masking only
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+import common
+from common import die
+
+METHOD = "amt"
+
+
+# ----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Config:
+    # >>> shared: config
+    data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
+    data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
+    out_dir: str = ""              # run folder; default out/<method>-<data>
+    model: str = ""                # backbone name (see VIT_SIZES); preset picks
+    img_size: int = 0              # input resolution in pixels; preset picks
+    patch_size: int = 0            # ViT patch size in pixels; preset picks
+    epochs: int = 0                # length of the schedules; preset picks
+    max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
+    batch_size: int = 0            # images per GPU per step; preset picks
+    blr: float = 0.0               # base learning rate per 256 images; lr = blr * batch * gpus / 256
+    weight_decay: float = 0.0      # AdamW weight decay; preset picks
+    warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
+    num_workers: int = 4           # data loader processes per GPU
+    seed: int = 0                  # base seed; rank r uses seed + r
+    compile: bool = False          # torch.compile the model (CUDA)
+    log_every: int = 20            # steps between log lines
+    device: str = "auto"           # auto | cuda | cpu
+    vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    # <<< shared: config
+    amt: str = "on"                # on: AMT after epoch amt_start; off: plain MAE throughout (the paper's baseline)
+    mask_ratio: float = 0.45       # AMT: fraction of patches masked = reconstructed (official 0.45)
+    throw_ratio: float = 0.40      # AMT: fraction thrown away (official 0.40; 0 = the masking-only ablation)
+    amt_start: int = 0             # last plain-MAE epoch (0-indexed; -1: none, maps of the initial weights) (paper 40)
+    refresh_every: int = 1         # epochs between attention refreshes, the first after epoch amt_start (paper 40)
+    dec_dim: int = 512             # decoder width (paper 512)
+    dec_depth: int = 8             # decoder blocks (paper 8)
+    dec_heads: int = 16            # decoder heads (paper 16)
+    norm_pix_loss: bool = True     # per-patch normalised pixel targets (MAE's recommended setting)
+
+
+def preset(data: str, given: dict) -> dict:
+    """ImageNet: the official MAE-AMT recipe (README); small data: the same mechanisms, scaled. Warm-up, AMT
+    start and refresh interval are 10 % of --epochs (40 of 400), whatever --epochs is."""
+    small = dict(model="vit_tiny", img_size=32, patch_size=4, epochs=400, batch_size=512, blr=1.5e-4,
+                 weight_decay=0.05, dec_dim=128, dec_depth=4, dec_heads=4)
+    p = {"imagenet": {**small, "model": "vit_base", "img_size": 224, "patch_size": 16, "batch_size": 128,
+                      "dec_dim": 512, "dec_depth": 8, "dec_heads": 16},  # official: 4 GPUs x 128 x accum 8
+         "cifar10": small, "cifar100": small, "fashion-mnist": small,
+         "stl10": {**small, "img_size": 96, "patch_size": 8, "batch_size": 256},
+         "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8},
+         "folder": {**small, "img_size": 224, "patch_size": 16, "model": "vit_small", "batch_size": 128},
+         "synthetic": {**small, "model": "vit_micro", "epochs": 20, "batch_size": 64, "blr": 1e-3, "dec_dim": 64,
+                       "dec_depth": 2, "warmup_epochs": 1, "amt_start": 0, "refresh_every": 2}}[data]
+    tenth = max(1, given.get("epochs", p["epochs"]) // 10)
+    return {"warmup_epochs": tenth, "amt_start": tenth, "refresh_every": tenth, **p}
+
+
+# >>> shared: parse_config
+def parse_config(argv=None) -> Config:
+    """`--key value` or `--key=value` for every Config field; bare `--flag` sets a bool. The preset of
+    --data fills every field not given; unknown flags and bad types are one-line errors."""
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    args, given = list(sys.argv[1:] if argv is None else argv), {}
+    while args:
+        arg = args.pop(0)
+        key, eq, val = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
+        if key not in fields:
+            die(f"unknown argument {arg!r}; valid flags: " + " ".join(f"--{k}" for k in fields))
+        typ = fields[key]
+        if not eq:
+            val = "1" if typ is bool and (not args or args[0].startswith("--")) else (args.pop(0) if args else "")
+        try:
+            if typ is bool:
+                given[key] = {"1": True, "true": True, "0": False, "false": False}[val.lower()]
+            else:
+                given[key] = typ(val)
+        except (ValueError, KeyError):
+            die(f"--{key} expects a {typ.__name__}, got {val!r}")
+    data = given.get("data", Config.data)
+    if data not in common.DATASETS:
+        die(f"unknown --data {data}; choose one of {', '.join(common.DATASETS)}")
+    cfg = Config(**{**preset(data, given), **given})
+    cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
+    return cfg
+# <<< shared: parse_config
+
+
+# ----------------------------------------------------------------------------
+# Backbone
+
+# >>> shared: vit
+VIT_SIZES = {  # name: (width D, depth L, heads); pico/micro are for tests and CPU smoke runs
+    "vit_pico": (32, 2, 2), "vit_micro": (96, 4, 3), "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+
+
+def sincos_pos_embed(dim, gh, gw, device=None):
+    """Fixed 2-D sin-cos positions (MAE layout): first half of the channels encodes the column, second
+    half the row; each half is [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim/4))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+
+    def enc(p):  # (N,) -> (N, dim/2)
+        a = p.flatten().double()[:, None] * omega[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)
+    return torch.cat([enc(cols), enc(rows)], dim=1).float()          # (gh*gw, dim)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attn=False):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, T, hd)
+        out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
+        if not return_attn:
+            return out
+        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32
+        attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
+        return out, attn.softmax(-1)[:, :, 0]                         # (B, h, T)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; layer_scale > 0 adds per-channel gains on both branches (CaiT)."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0, layer_scale=0.0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn, self.mlp = Attention(dim, heads), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale > 0 else None
+        self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale > 0 else None
+
+    def forward(self, x, return_attn=False):
+        a = self.attn(self.norm1(x), return_attn)
+        a, attn = a if return_attn else (a, None)
+        x = x + self.drop_path(a if self.gamma1 is None else self.gamma1 * a)
+        m = self.mlp(self.norm2(x))
+        x = x + self.drop_path(m if self.gamma2 is None else self.gamma2 * m)
+        return (x, attn) if return_attn else x
+
+
+class ViT(nn.Module):
+    """Plain ViT with fixed sin-cos positions. forward() can substitute a mask token (before positions),
+    keep only some tokens (token dropping), and return the last block's [CLS] attention row."""
+
+    def __init__(self, img_size, patch_size, dim, depth, heads, mlp_ratio=4.0, drop_path=0.0,
+                 layer_scale=0.0, cls_token=True):
+        super().__init__()
+        if img_size % patch_size:
+            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; pick sizes that divide")
+        self.patch_size, self.dim, self.grid = patch_size, dim, img_size // patch_size
+        self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        self.register_buffer("pos", sincos_pos_embed(dim, self.grid, self.grid)[None], persistent=False)
+        dpr = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # linear over depth, 0 first
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, p, layer_scale) for p in dpr)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.init_weights()
+
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.dim, -1))
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=0.02)
+
+    def pos_embed(self, gh, gw):
+        same = (gh, gw) == (self.grid, self.grid)
+        return self.pos if same else sincos_pos_embed(self.dim, gh, gw, self.pos.device)[None]  # (1, N, D)
+
+    def forward(self, images, mask=None, mask_token=None, keep=None, return_attn=False):
+        x = self.patch_embed(images)                                   # (B, D, gh, gw)
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)                               # (B, N, D)
+        if mask is not None:  # substitute the mask token before positions are added
+            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
+        x = x + self.pos_embed(gh, gw).to(x.dtype)
+        if keep is not None:  # token dropping: only these tokens enter the blocks
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+K, D)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        x = self.blocks[-1](x, return_attn)
+        x, attn = x if return_attn else (x, None)
+        x = self.norm(x)
+        return (x, attn) if return_attn else x
+
+
+def build_vit(name, img_size, patch_size, **kw):
+    if name not in VIT_SIZES:
+        die(f"unknown --model {name}; choose one of {', '.join(VIT_SIZES)}")
+    dim, depth, heads = VIT_SIZES[name]
+    return ViT(img_size, patch_size, dim, depth, heads, **kw)
+# <<< shared: vit
+
+
+# ----------------------------------------------------------------------------
+# Masking
+
+def mask_counts(n, mask_ratio, throw_ratio):
+    """Counts as official amt_masking_throwing: int(N r_m) and int(N (r_m + r_t)) (the float sum matters:
+    0.45 + 0.40 = 0.8500000000000001, so 196 patches -> 88 masked, 78 thrown, 30 visible)."""
+    n_mask = int(n * mask_ratio)
+    return n_mask, int(n * (mask_ratio + throw_ratio)) - n_mask
+
+
+def draw_order(weights):
+    """(B, N) weights >= 0 -> (B, N) patch indices in the order of successive draws without replacement, each
+    taking a remaining patch with probability w_i / sum(remaining w): sorting w_i / E_i, E_i ~ Exp(1), has
+    that law (torch.multinomial does it on CPU). Zero weights come last; an all-zero row is drawn uniformly."""
+    w = weights.float()
+    w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+    return (w / torch.empty_like(w).exponential_()).argsort(dim=1, descending=True)  # (B, N)
+
+
+def split_order(order, n_mask, n_throw):
+    """Official amt_masking_throwing: the first n_mask drawn are masked, the next n_throw thrown, the rest
+    visible -> mask, throw (B, N) bool; vis (B, K) visible indices; keep (B, N - n_throw) non-thrown, raster."""
+    head = n_mask + n_throw
+    pos = order.argsort(1)                                             # (B, N) draw position of each patch
+    keep = torch.cat([order[:, :n_mask], order[:, head:]], 1).sort(1).values  # (B, N - n_throw)
+    return pos < n_mask, (pos >= n_mask) & (pos < head), order[:, head:], keep
+
+
+def patch_weights(maps, box, patch_size):
+    """Official amtdatasets.py + patchify_map: stored maps (B, gh, gw) of the whole image follow the image
+    through its crop box and flip (bilinear, pixel resolution), summed per patch -> (B, N) sampling weights."""
+    B, gh, gw = maps.shape
+    m = common.crop_map(maps, box, (gh * patch_size, gw * patch_size))  # (B, H, W)
+    return m.view(B, gh, patch_size, gw, patch_size).sum((2, 4)).flatten(1)  # (B, N)
+
+
+def attention_to_weights(attn):
+    """Official update_mask: last block's [CLS] -> all-keys attention (B, heads, 1 + N) -> (B, N) in [0, 1]:
+    drop the [CLS] key (no renormalisation), min-max each head over the patches, average the heads."""
+    a = attn[:, :, 1:].float()                                         # (B, heads, N)
+    a = a - a.amin(-1, keepdim=True)
+    return (a / a.amax(-1, keepdim=True).clamp_min(1e-12)).mean(1)    # (B, N)
+
+
+# ----------------------------------------------------------------------------
+# Target
+
+def patchify(images, p):
+    """(B, 3, H, W) -> (B, N, p*p*3), patches in raster order, channel fastest inside a patch (MAE)."""
+    B, C, H, W = images.shape
+    x = images.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+# ----------------------------------------------------------------------------
+# Model
+
+class Model(nn.Module):
+    """MAE (ViT encoder on visible tokens, light decoder) whose hidden set is drawn from attention weights.
+    forward(images, weights (B, N), n_mask, n_throw) -> (loss, stats, (pred, mask, throw, keep))."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_vit(cfg.model, cfg.img_size, cfg.patch_size)
+        D, Dd, g = self.encoder.dim, cfg.dec_dim, self.encoder.grid
+        self.decoder_embed = nn.Linear(D, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))        # starts every masked and thrown slot
+        self.decoder = nn.ModuleList(Block(Dd, cfg.dec_heads) for _ in range(cfg.dec_depth))
+        self.decoder_norm, self.decoder_pred = nn.LayerNorm(Dd, eps=1e-6), nn.Linear(Dd, cfg.patch_size ** 2 * 3)
+        self.register_buffer("dec_pos", sincos_pos_embed(Dd, g, g)[None], persistent=False)  # (1, N, Dd)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder.modules()]:
+            if isinstance(m, nn.Linear):  # MAE init: xavier-uniform linears, zero biases
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def decode(self, latent, vis, keep):
+        """Official forward_decoder: all N slots start as the mask token, visible ones get their encoder
+        outputs, positions are added, THEN thrown slots are deleted: 1 + N - n_throw tokens, [CLS] first."""
+        x = self.decoder_embed(latent)                                 # (B, 1 + K, Dd)
+        B, N, Dd = x.shape[0], self.dec_pos.shape[1], x.shape[2]
+        full = self.mask_token.to(x.dtype).expand(B, N, Dd).scatter(1, vis[..., None].expand(-1, -1, Dd), x[:, 1:])
+        full = (full + self.dec_pos).gather(1, keep[..., None].expand(-1, -1, Dd))  # (B, N - T, Dd)
+        x = torch.cat([x[:, :1], full.to(x.dtype)], 1)                 # (B, 1 + N - T, Dd)
+        for blk in self.decoder:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]         # (B, N - T, P)
+
+    def forward(self, images, weights, n_mask, n_throw):
+        mask, throw, vis, keep = split_order(draw_order(weights), n_mask, n_throw)
+        pred = self.decode(self.encoder(images, keep=vis), vis, keep)  # (B, N - T, P), encoder on 1 + K
+        target = patchify(images, self.cfg.patch_size).gather(1, keep[..., None].expand_as(pred))  # (B, N - T, P)
+        loss = amt_loss(pred, target, mask.gather(1, keep), self.cfg.norm_pix_loss)
+        seen = (~(mask | throw)).float()  # stat: how much more attention the masked patches carry
+        ratio = (weights * mask).sum() / mask.sum() / ((weights * seen).sum() / seen.sum()).clamp_min(1e-12)
+        return loss, {"w_mask/vis": ratio}, (pred.detach(), mask, throw, keep)
+
+
+@torch.no_grad()
+def visualize(cfg, images, weights, out, path):
+    """Rows: image | attention weights after the crop | masked (white) / thrown (grey) / visible (black) |
+    the masked patches' reconstruction pasted into the visible ones (thrown: black)."""
+    import torchvision
+    n, p, g = min(8, len(images)), cfg.patch_size, cfg.img_size // cfg.patch_size
+    pred, mask, throw, keep = (t[:n].float() if t.is_floating_point() else t[:n] for t in out)
+    mean, std = (torch.tensor(s, device=images.device).view(1, 3, 1, 1) for s in common.DATASETS[cfg.data][2])
+    up = lambda v: F.interpolate(v.view(n, 1, g, g).float(), scale_factor=p).expand(-1, 3, -1, -1)  # (n, 3, H, W)
+    t = patchify(images[:n].float(), p)                                # (n, N, P)
+    full = t.scatter(1, keep[..., None].expand_as(pred), pred)         # (n, N, P) predictions, raster order
+    if cfg.norm_pix_loss:  # undo the target normalisation with the true patch statistics
+        full = full * (t.var(-1, keepdim=True) + 1e-6).sqrt() + t.mean(-1, keepdim=True)
+    full = torch.where(mask[..., None], full, t)                      # masked: predicted, others: the input
+    full = full.view(n, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(n, 3, g * p, g * p)  # unpatchify
+    recon = torch.where(up(throw) > 0, 0.0, full * std + mean)
+    rows = [images[:n].float() * std + mean, up(weights[:n] / weights[:n].amax(1, keepdim=True)), up(mask + throw / 2)]
+    torchvision.utils.save_image(torch.cat(rows + [recon]).clamp(0, 1), path, nrow=n)
+
+
+# ----------------------------------------------------------------------------
+# Loss
+
+def amt_loss(pred, target, mask, norm_pix_loss):
+    """Official forward_loss: per-patch MSE averaged over MASKED patches only; pred, target (B, M, P), mask (B, M) bool.
+    Visible patches are in the sequence but not in the loss, thrown ones not even in the sequence.
+    norm_pix_loss: each target patch standardised with its mean and UNBIASED variance, eps 1e-6 (MAE)."""
+    target = target.float()
+    if norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = (pred.float() - target).pow(2).mean(-1)                # (B, M)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class Encoder(nn.Module):
+    """images -> (B, D) final-norm [CLS] (the official probe's feature); attention=True: the store's maps (B, N)."""
+
+    def __init__(self, vit, attention=False):
+        super().__init__()
+        self.vit, self.attention = vit, attention
+
+    def forward(self, images):
+        if self.attention:
+            return attention_to_weights(self.vit(images, return_attn=True)[1])  # (B, N)
+        return self.vit(images)[:, 0]                                  # (B, D)
+
+
+def load_encoder(ckpt, random_init=False):
+    """Checkpoint dict -> frozen encoder module giving the probe features; random_init: same shape, untrained."""
+    model = Model(Config(**ckpt["config"]))
+    if not random_init:
+        model.load_state_dict(ckpt["model"])
+    return Encoder(model.encoder).eval()
+
+
+# ----------------------------------------------------------------------------
+# Training
+
+# >>> shared: runtime
+def setup_distributed(device_flag):
+    """torchrun env vars -> process group (NCCL on CUDA, gloo on CPU); plain python -> one process."""
+    use_cuda = torch.cuda.is_available() and device_flag != "cpu"
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        die("--device cuda but no CUDA device is visible; use --device cpu")
+    if "RANK" in os.environ:
+        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    else:
+        rank, local, world = 0, 0, 1
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device
+
+
+def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
+    """Linear warm-up from `warmup_from` to `start` over `warmup` steps, then cosine from `start` to `end`."""
+    if step < warmup:
+        return warmup_from + (start - warmup_from) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def param_groups(model, weight_decay):
+    """No weight decay on biases, norms, gains and tokens (ndim < 2 or a *token parameter)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_states(world):
+    """Every rank's RNG state (CPU and CUDA), gathered so that rank 0 can save them all."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [state]
+    out = [None] * world
+    dist.all_gather_object(out, state)
+    return out
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file then rename, so a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Our checkpoint of this method, or a one-line error that says what is wrong."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or choose another --out_dir")
+    if not isinstance(ckpt, dict) or "method" not in ckpt:
+        die(f"{path} is not a checkpoint of this collection; choose another --out_dir")
+    if ckpt["method"] != METHOD:
+        die(f"{path} is a {ckpt['method']} checkpoint, not {METHOD}; choose another --out_dir")
+    return ckpt
+
+
+class Logger:
+    """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl."""
+
+    def __init__(self, out_dir, master):
+        self.master, self.out_dir = master, out_dir
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def print(self, msg):
+        if self.master:
+            print(msg, flush=True)
+            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    def metrics(self, row):
+        if self.master:
+            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+_stop_signal = []  # set by SIGTERM: save and leave at the next log step
+
+
+def _on_sigterm(signum, frame):
+    _stop_signal.append(signum)
+# <<< shared: runtime
+
+
+def store_due(cfg, epoch):
+    """The epoch after which the maps used in `epoch` are made (-1: the initial weights), or None (plain MAE)."""
+    if cfg.amt == "on" and epoch > cfg.amt_start:
+        return cfg.amt_start + (epoch - 1 - cfg.amt_start) // cfg.refresh_every * cfg.refresh_every
+
+
+def train(cfg: Config):
+    N = (cfg.img_size // max(1, cfg.patch_size)) ** 2
+    n_mask, n_throw = mask_counts(N, cfg.mask_ratio, cfg.throw_ratio)
+    if cfg.amt not in ("on", "off") or cfg.refresh_every < 1:
+        die(f"--amt takes on or off (got {cfg.amt}), --refresh_every a number of epochs >= 1 (got {cfg.refresh_every})")
+    if not (0 < n_mask and 0 <= n_throw and n_mask + n_throw < N):
+        die(f"--mask_ratio {cfg.mask_ratio} --throw_ratio {cfg.throw_ratio} leave {n_mask} masked and "
+            f"{max(0, N - n_mask - n_throw)} visible of {N} patches; both need at least one (e.g. 0.45 and 0.40)")
+    rank, world, device = setup_distributed(cfg.device)
+    master = rank == 0
+    torch.manual_seed(cfg.seed)  # the same initial weights (and EMA copies) on every rank
+    log = Logger(cfg.out_dir, master)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    # data: the crop also returns its box so that the stored map can follow the image
+    dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
+    transform = common.CropWithBox(cfg.data, cfg.img_size, scale=(0.2, 1.0))
+    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
+                                with_index=True)
+    squash = T.Compose([T.Resize((cfg.img_size,) * 2, interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                        common.normalize(cfg.data)])  # the refresh pass sees the whole image, resized
+    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
+    if steps_per_epoch == 0:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    total = cfg.epochs * steps_per_epoch
+    stop = min(total, cfg.max_steps) if cfg.max_steps else total
+
+    # model and optimizer; the attention store lives on CPU next to them
+    model = Model(cfg).to(device)
+    torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
+    lr = cfg.blr * cfg.batch_size * world / 256
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    store, store_epoch = None, None  # (n_images, gh, gw) fp16 maps, and the epoch after which they were made
+
+    # resume: the same command continues the run in out_dir
+    path, step = os.path.join(cfg.out_dir, "checkpoint.pt"), 0
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path)
+        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
+                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile")}
+        if changed:
+            log.print(f"warning: resuming with changed settings (saved, now): {changed}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, store, store_epoch = ckpt["step"], ckpt.get("store"), ckpt.get("store_epoch")
+        if len(ckpt["rng"]) == world:
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        log.print(f"resumed from {path} at step {step}")
+    if step >= stop:
+        log.print(f"run in {cfg.out_dir} already finished at step {step}/{stop}; nothing to do "
+                  "(raise --max_steps or --epochs, or pick a new --out_dir)")
+        if world > 1:
+            dist.destroy_process_group()
+        return
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
+    log.print("config " + json.dumps(dataclasses.asdict(cfg)))
+    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
+              f" | {steps_per_epoch} steps/epoch | {stop} steps | " + ("--amt off: plain MAE" if cfg.amt == "off" else
+              f"AMT after epoch {cfg.amt_start}: {n_mask} masked / {n_throw} thrown / {N - n_mask - n_throw} visible"))
+    if master:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    fwd = torch.compile(model) if cfg.compile else model  # compile before DDP; we save `model`
+    if world > 1:
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(epoch):
+        state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "rng": rng_states(world),
+                 "store": store, "store_epoch": store_epoch}
+        if master:
+            save_checkpoint(path, state)
+
+    # the loop
+    bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
+    t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
+    epoch = step // steps_per_epoch
+    while step < stop:
+        due = store_due(cfg, epoch)
+        if due is not None and store_epoch != due:  # fresh maps from the current encoder
+            t0 = time.time()
+            w, _ = common.extract(Encoder(model.encoder, attention=True), dataset, squash, cfg.batch_size, device,
+                                  cfg.num_workers)  # (n_images, N), dataset order; rank-sharded and gathered
+            store, store_epoch = w.half().view(len(dataset), *(model.encoder.grid,) * 2), due  # fp16 on CPU
+            model.train()
+            log.print(f"attention store: {len(dataset)} maps after epoch {due} in {time.time() - t0:.1f} s")
+            t_log += time.time() - t0  # the log's ms and img/s are training steps only; the summary counts all
+        counts = (n_mask, n_throw) if due is not None else (N - int(N * 0.25), 0)  # MAE's 75 %, keeps int(N/4)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        t_data = time.time()
+        for (images, box), _, idx in loader:
+            data_wait += time.time() - t_data
+            images = images.to(device, non_blocking=True)
+            weights = torch.ones(images.shape[0], N, device=device) if due is None else patch_weights(
+                store[idx].to(device, non_blocking=True), box.to(device, non_blocking=True), cfg.patch_size)  # (B, N)
+            lr_now = cosine_schedule(step, total, lr, 0.0, warmup=int(cfg.warmup_epochs * steps_per_epoch))
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            with ctx:
+                loss, stats, out = fwd(images, weights, *counts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            step += 1
+            log_steps += 1
+            if master and cfg.vis_every and step % cfg.vis_every == 0:  # uses this step's masks: no RNG
+                visualize(cfg, images, weights, out, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
+            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0:
+                flags = torch.stack([bad_step.float(), torch.tensor(float(bool(_stop_signal)), device=device)])
+                if world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[0] >= 0:
+                    die(f"non-finite loss at step {int(flags[0]) + 1}; {path} keeps the last good state "
+                        "(lower --blr, or check the data)")
+                if step % cfg.log_every == 0 or step == stop:
+                    dt = time.time() - t_log
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
+                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
+                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
+                              f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
+                              + "".join(f" | {k} {row[k]:.4g}" for k in stats))
+                    log.metrics(row)
+                    t_log, data_wait, log_steps = time.time(), 0.0, 0
+                if flags[1] > 0:
+                    checkpoint(epoch)
+                    log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
+                    break
+            if step >= stop:
+                break
+            t_data = time.time()
+        if _stop_signal:
+            break
+        if step % steps_per_epoch == 0:
+            epoch += 1
+        checkpoint(epoch)
+
+    wall = time.time() - t_start
+    imgs = (step - step0) * cfg.batch_size * world
+    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
+              f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    train(parse_config())
