@@ -321,6 +321,13 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.per_rank - self.skip
 
 
+def _ignore_sigterm(worker_id):
+    """Loader workers leave SIGTERM to the main process, which saves a checkpoint before exiting
+    (a scheduler's SIGTERM reaches the whole process group)."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(ds, transform, batch_size, train=True, seed=0, rank=0, world=1, num_workers=4,
                 with_index=False, pin=True):
     """Pre-training (train=True: shuffle, drop_last) or extraction loader over SeededView(ds)."""
@@ -328,7 +335,8 @@ def make_loader(ds, transform, batch_size, train=True, seed=0, rank=0, world=1, 
     return torch.utils.data.DataLoader(
         SeededView(ds, transform, seed, with_index), batch_size=batch_size, sampler=sampler,
         num_workers=num_workers, pin_memory=pin and torch.cuda.is_available(), drop_last=train,
-        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_sigterm)
 
 
 # ----------------------------------------------------------------------------

@@ -277,6 +277,29 @@ def test_torchrun_two_processes(method, tmp_path):
     assert load_ckpt(tmp_path)["step"] == 3
 
 
+def test_sigterm_to_the_process_group_saves_and_exits(tmp_path):
+    """A scheduler's SIGTERM reaches the main process and its loader workers: the run saves at the next
+    log step and exits cleanly (all methods at once, each in its own process group)."""
+    import signal
+    import time
+    procs = {}
+    for m in PRESENT:
+        cmd = [sys.executable, f"{m}.py", *method_args(m), "--max_steps", "100000", "--num_workers", "1",
+               "--out_dir", str(tmp_path / m)]
+        procs[m] = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+    deadline = time.time() + 150
+    for m, p in procs.items():  # wait until training is under way, then signal the whole group
+        log = tmp_path / m / "log.txt"
+        while time.time() < deadline and not (log.exists() and "step 2/" in log.read_text()):
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGTERM)
+    for m, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "SIGTERM: saved" in out, (m, err[-1500:])
+        assert load_ckpt(tmp_path / m)["step"] >= 2
+
+
 @pytest.mark.parametrize("method", PRESENT)
 def test_bad_input_never_loses_a_checkpoint(method, tmp_path, capsys):
     a = method_args(method) + ["--max_steps", "2"]
