@@ -7,6 +7,7 @@ import gzip
 import math
 import os
 import struct
+import sys
 
 import numpy as np
 import torch
@@ -348,9 +349,9 @@ def world_info():
 
 
 @torch.no_grad()
-def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=4):
+def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=4, desc="features"):
     """Features (n, D) float32 and labels (n,) of the whole dataset, each rank a strided shard,
-    gathered on every rank."""
+    gathered on every rank. A progress bar on rank 0 when stderr is a terminal."""
     from tqdm import tqdm
     rank, world = world_info()
     per = math.ceil(len(ds) / world)
@@ -360,7 +361,7 @@ def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=4)
     encoder.eval().to(device)
     amp = torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
     feats, labels = [], []
-    for x, y in tqdm(loader, desc="features", disable=rank != 0, leave=False):
+    for x, y in tqdm(loader, desc=desc, disable=rank != 0 or not sys.stderr.isatty(), leave=False):
         with amp:
             feats.append(encoder(x.to(device, non_blocking=True)).float())
         labels.append(y.to(device))
