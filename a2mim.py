@@ -420,23 +420,23 @@ class Model(nn.Module):
 # Loss
 
 def focal_frequency_loss(pred, target):
-    """Sec. 4 steps 2-6: orthonormal 2-D DFT, batch-averaged spectra (pitfall 8), squared complex distance
-    weighted by log(1 + |D|) / its global max, clipped to [0, 1], detached. (B, C, H, W) -> scalar."""
-    D = torch.fft.fft2(pred, norm="ortho").mean(0) - torch.fft.fft2(target, norm="ortho").mean(0)  # (C, H, W)
+    """Sec. 4 steps 2-6: batch-averaged orthonormal 2-D spectra (pitfall 8; the DFT is linear: one FFT of the batch
+    mean), squared complex distance weighted by log(1 + |D|) / its max, clipped to [0, 1], detached. -> scalar"""
+    D = torch.fft.fft2((pred - target).mean(0), norm="ortho")             # (C, H, W) complex
     dist = D.real ** 2 + D.imag ** 2                                       # (C, H, W)
     w = dist.sqrt().log1p().detach()
     return (torch.nan_to_num(w / w.max(), nan=0.0).clamp(0, 1) * dist).mean()
 
 
 def a2mim_loss(pred, target, pix_mask, spatial="l1", freq_weight=0.1, unmask_weight=0.0):
-    """Sec. 4. pred, target (B, 3, H, W) normalized; pix_mask (B, 1, H, W) bool, True = hidden.
-    Returns (loss, spatial term, frequency term), fp32 scalars."""
+    """Sec. 4. pred, target (B, 3, H, W) normalized; pix_mask (B, 1, H, W), True = hidden -> fp32 (loss, spa, freq)"""
     pred, target, m = pred.float(), target.float(), pix_mask.float()  # fp32 even under autocast (pitfall 13)
     e = (pred - target).abs()  # ResNet "focal L1": e (2 sigmoid(0.2 e) - 1) = e tanh(0.1 e) ~ 0.1 e^2 (pitfall 7)
     err = e * torch.tanh(0.1 * e) if spatial == "focal_l1" else e
     l_spa = (err * m).sum() / (m.sum() + 1e-5) / pred.shape[1]             # mean over hidden pixels x 3
-    # FFT input: hidden = live prediction; visible = 1/2 sg(pred) + 1/2 target (pitfall 9) + unmask_weight leak
-    m2 = m + (1 - m) * unmask_weight                                       # (B, 1, H, W)
+    if not freq_weight:  # baseline --freq_weight 0: the frequency term is not computed (logged as 0)
+        return l_spa, l_spa, torch.zeros_like(l_spa)
+    m2 = m + (1 - m) * unmask_weight  # FFT input: live pred (hidden), (sg(pred) + target) / 2 (visible), pitfall 9
     l_freq = focal_frequency_loss(pred * m2 + (0.5 * pred.detach() + 0.5 * target) * (1 - m2), target)
     return l_spa + freq_weight * l_freq, l_spa, l_freq
 

@@ -292,8 +292,7 @@ def draw_order(weights):
     """(B, N) weights >= 0 -> (B, N) patch indices in the order of successive draws without replacement, each
     taking a remaining patch with probability w_i / sum(remaining w): sorting w_i / E_i, E_i ~ Exp(1), has
     that law (torch.multinomial does it on CPU). Zero weights come last; an all-zero row is drawn uniformly."""
-    w = weights.float()
-    w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+    w = torch.where(weights.sum(1, keepdim=True) > 0, weights.float(), 1.0)
     return (w / torch.empty_like(w).exponential_()).argsort(dim=1, descending=True)  # (B, N)
 
 
@@ -564,8 +563,8 @@ def train(cfg: Config):
     transform = common.CropWithBox(cfg.data, cfg.img_size, scale=(0.2, 1.0))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
                                 with_index=True)
-    squash = T.Compose([T.Resize((cfg.img_size,) * 2, interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
-                        common.normalize(cfg.data)])  # the refresh pass sees the whole image, resized
+    squash = T.Compose([T.Resize((cfg.img_size,) * 2), T.ToTensor(), common.normalize(cfg.data)])  # refresh pass:
+    # the whole image squashed to a square, bilinear (official update_mask loader: Resize((224, 224)))
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
         die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")

@@ -49,7 +49,6 @@ from common import die
 
 METHOD = "attmask"
 
-
 # ----------------------------------------------------------------------------
 # Config
 
@@ -94,7 +93,6 @@ class Config:
     weight_decay_end: float = 0.4  # weight decay follows a cosine from --weight_decay to this
     clip_grad: float = 3.0         # max grad norm of EACH parameter tensor (0 = off)
 
-
 def preset(data: str, given: dict) -> dict:
     """Per-dataset recipe: ImageNet = the paper's (ViT-S/16, 4 GPUs x 60), small data = the spec's scaled one."""
     paper = dict(model="vit_small", img_size=224, patch_size=16, epochs=100, batch_size=60, blr=5e-4,
@@ -110,7 +108,6 @@ def preset(data: str, given: dict) -> dict:
         "synthetic": {**small, "model": "vit_micro", "epochs": 20, "batch_size": 32, "blr": 1e-3, "warmup_epochs": 1,
                       "local_crops": 2, "out_dim": 1024, "head_hidden": 256, "warmup_teacher_temp_epochs": 3},
     }[data]
-
 
 # >>> shared: parse_config
 def parse_config(argv=None) -> Config:
@@ -140,7 +137,6 @@ def parse_config(argv=None) -> Config:
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
     return cfg
 # <<< shared: parse_config
-
 
 # ----------------------------------------------------------------------------
 # Backbone
@@ -284,7 +280,6 @@ def build_vit(name, img_size, patch_size, **kw):
     return ViT(img_size, patch_size, dim, depth, heads, **kw)
 # <<< shared: vit
 
-
 # ----------------------------------------------------------------------------
 # Masking
 
@@ -300,8 +295,9 @@ def attmask(a, ratio, mode, prob, show_max):
     mask &= torch.rand(R, 1, device=a.device) <= prob                  # per crop: else not masked at all
     n_hint = int(N * (show_max * ratio))                               # floors; s * r formed first (spec 3.3)
     if mode == "attmask_hint" and n_hint > 0:
-        top = torch.zeros_like(mask).scatter_(1, order[:, :int(N * show_max)], True)  # (R, N) candidates
-        mask.scatter_(1, torch.multinomial(top.float(), n_hint), False)  # (R, n_hint) distinct hints
+        top = torch.zeros(R, N, device=a.device).scatter_(1, order[:, :int(N * show_max)], 1.0)  # (R, N) candidates
+        # = torch.multinomial(top, n_hint) (same draws), without its two host syncs: top-k of top / Exp(1)
+        mask.scatter_(1, (top / torch.empty_like(top).exponential_()).topk(n_hint).indices, False)  # (R, n_hint)
     return mask
 
 def block_mask(ratios, gh, gw, rounds=50):
@@ -337,7 +333,6 @@ def make_mask(cfg, attn, step, gh, gw):
     rank = torch.rand(len(ratios), gh * gw, device=attn.device).argsort(1).argsort(1)  # (2B, N) random ranks
     return rank < (ratios * gh * gw).floor()[:, None]                  # iBOT 'rand': exactly floor(N r_i)
 
-
 # ----------------------------------------------------------------------------
 # Target
 
@@ -365,7 +360,6 @@ def ema_update(teacher_params, student_params, m):
     """theta_t <- m theta_t + (1 - m) theta_s, over the parameters both nets have (not the mask token)."""
     torch._foreach_mul_(teacher_params, m)
     torch._foreach_add_(teacher_params, student_params, alpha=1 - m)
-
 
 # ----------------------------------------------------------------------------
 # Model
@@ -410,21 +404,20 @@ class Model(nn.Module):
         return l_cls + l_patch, {"cls": l_cls.detach(), "patch": l_patch.detach(), "masked": mask.float().mean()}
 
     @torch.no_grad()
-    def visualize(self, crops, path):
-        """One row per sample: global crop | teacher [CLS] attention | what the student sees (grey = hidden)."""
+    def visualize(self, crops, step, path):
+        """Row per sample: global crop | teacher [CLS] attention | student input (grey = hidden; masked w.p. 1)."""
         import torchvision
         cfg, x = self.cfg, crops[0][:8]
         mean, std = (torch.tensor(s, device=x.device)[:, None, None] for s in common.DATASETS[cfg.data][2])
         img, (gh, gw) = (x * std + mean).clamp(0, 1).float(), (s // cfg.patch_size for s in x.shape[-2:])
         attn = self.teacher(x, return_attn=True)[1]                    # (b, heads, 1+N)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # training RNG untouched
-            hide = make_mask(dataclasses.replace(cfg, masking_prob=1.0), attn, 0, gh, gw).float()  # (b, N)
+            hide = make_mask(dataclasses.replace(cfg, masking_prob=1.0), attn, step, gh, gw).float()  # (b, N)
         a = attn[:, :, 1:].float().mean(1)                             # (b, N)
-        a = (a - a.amin(1, keepdim=True)) / (a.amax(1, keepdim=True) - a.amin(1, keepdim=True))
+        a = (a - a.amin(1, keepdim=True)) / (a.amax(1, keepdim=True) - a.amin(1, keepdim=True)).clamp(min=1e-12)
         up = lambda m: F.interpolate(m.view(-1, 1, gh, gw), size=x.shape[-2:]).expand(-1, 3, -1, -1)  # (b, 3, H, W)
         grid = torch.stack([img, up(a), img * (1 - up(hide)) + 0.5 * up(hide)], 1)  # (b, 3, 3, H, W)
         torchvision.utils.save_image(grid.flatten(0, 1), path, nrow=3)
-
 
 # ----------------------------------------------------------------------------
 # Loss
@@ -471,12 +464,10 @@ class Encoder(nn.Module):
 
 def load_encoder(ckpt, random_init=False):
     """Checkpoint dict -> frozen teacher encoder giving the probe features; random_init: same shape, untrained."""
-    cfg = Config(**ckpt["config"])
-    model = Model(cfg)
+    model = Model(Config(**ckpt["config"]))
     if not random_init:
         model.load_state_dict(ckpt["model"])
     return Encoder(model.teacher).eval()
-
 
 # ----------------------------------------------------------------------------
 # Training
@@ -584,7 +575,6 @@ def _on_sigterm(signum, frame):
     _stop_signal.append(signum)
 # <<< shared: runtime
 
-
 def train(cfg: Config):
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
@@ -651,7 +641,8 @@ def train(cfg: Config):
             m.compile()
     fwd = model
     if world > 1:  # the teacher has no trainable parameters: DDP copies rank 0's once and never reduces it
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)  # the centers are all-reduced already
 
     def checkpoint(epoch):
         state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
@@ -687,7 +678,7 @@ def train(cfg: Config):
             step += 1
             log_steps += 1
             if master and cfg.vis_every and step % cfg.vis_every == 0:
-                model.visualize(crops, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
+                model.visualize(crops, step - 1, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
             if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0:
                 flags = torch.stack([bad_step.float(), torch.tensor(float(bool(_stop_signal)), device=device)])
                 if world > 1:
@@ -724,7 +715,6 @@ def train(cfg: Config):
               f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
     if world > 1:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     train(parse_config())

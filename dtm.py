@@ -16,15 +16,16 @@ morphs predictions and targets alike; `--morph off` is the paper's token-wise ba
 default, needs no weights; not in the paper, which reports an unspecified BYOL variant), `random` (tests).
 
 Deviations from the official code:
-- shared ViT: sin-cos positions, not BEiT v2's relative position bias; qkv k-bias; xavier init; the
-  mask token is not weight-decayed; bf16 autocast, not fp16 AMP (matching outside autocast, fp32/TF32);
+- shared ViT: sin-cos positions, not BEiT v2's relative position bias; qkv k-bias; xavier init (head:
+  torch's default); mask token not weight-decayed; bf16 autocast, not fp16 AMP (matching in fp32/TF32);
 - block masks for the whole batch on the device in 30 placement attempts (BEiT's stop after 10 failures
-  in a row kept; >98% of images stop by then), topped up to the exact count as in BEiT v2;
+  in a row kept; >99% of images stop by then), topped up to the exact count as in BEiT v2;
 - one n_max, k_max for both levels (code defaults n1 = n2, k1 = k2); no gradient accumulation (the
-  official one drops gradients); a CLIP teacher sees the crop resized to 224 px, its tokens average-
-  pooled to the student grid when the grids differ (spec Sec. 2.3).
-Where the paper's text differs the code is followed: even/odd split with token 0 protected, tokens to
-remove sampled (not groups left), loss over the N broadcast positions (a group of m counts m times).
+  official one drops gradients); a CLIP teacher gets the student's crop and normalisation (ImageNet's at
+  --data imagenet, as official), resized to 224 px, tokens average-pooled to the student grid (Sec. 2.3).
+Where the paper's text differs the code is followed: even/odd split with token 0 protected (not random),
+tokens to remove sampled (not groups left), 0/1 groups divided by size (= the paper's row-normalised
+matrices), loss over the N broadcast positions (a group of m counts m times).
 
 Run:
     python dtm.py --data synthetic --max_steps 50                       # CPU smoke run
@@ -316,7 +317,7 @@ def block_mask(B, gh, gw, num_masked, min_block=16, device="cpu", attempts=30):
 class CLIPVisual(nn.Module):
     """OpenAI CLIP image tower from an OpenAI state dict (sizes read from it; 64-d heads): (B, 3, S, S)
     -> ln_post(patch tokens) @ proj, [CLS] dropped, not L2-normalised (spec Sec. 2.2): (B, N, 512) for
-    ViT-B/16. CLIP's residual block is torch's pre-norm encoder layer with QuickGELU."""
+    ViT-B/16. CLIP's residual block is torch's pre-norm encoder layer with QuickGELU. fp32 weights."""
 
     def __init__(self, sd):
         super().__init__()
@@ -324,18 +325,16 @@ class CLIPVisual(nn.Module):
         depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
         self.input_size = patch * math.isqrt(len(sd["positional_embedding"]) - 1)  # 224 for ViT-B/16
         self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
-        self.class_embedding = nn.Parameter(torch.zeros(width))
-        self.positional_embedding = nn.Parameter(torch.zeros_like(sd["positional_embedding"]))
+        for k in ("class_embedding", "positional_embedding", "proj"):     # fp32 (OpenAI's file is fp16)
+            self.register_parameter(k, nn.Parameter(torch.zeros(sd[k].shape)))
         self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
-        quick_gelu = lambda x: x * torch.sigmoid(1.702 * x)                # CLIP's activation
         self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(
-            width, width // 64, 4 * width, dropout=0.0, activation=quick_gelu, layer_norm_eps=1e-5,
-            batch_first=True, norm_first=True) for _ in range(depth))
-        self.proj = nn.Parameter(torch.zeros_like(sd["proj"]))
+            width, width // 64, 4 * width, dropout=0.0, activation=lambda x: x * torch.sigmoid(1.702 * x),
+            layer_norm_eps=1e-5, batch_first=True, norm_first=True) for _ in range(depth))  # QuickGELU
         for old, new in [("transformer.resblocks.", "blocks."), (".attn.", ".self_attn."), (".ln_1.", ".norm1."),
                          (".ln_2.", ".norm2."), (".mlp.c_fc.", ".linear1."), (".mlp.c_proj.", ".linear2.")]:
             sd = {k.replace(old, new): v for k, v in sd.items()}          # OpenAI names -> torch's
-        self.load_state_dict({k: v.float() for k, v in sd.items()})       # fp32; OpenAI's file is fp16
+        self.load_state_dict(sd)                                           # copied into the fp32 weights
 
     def forward(self, images):
         x = self.conv1(images).flatten(2).transpose(1, 2)                   # (B, N, W)
@@ -420,8 +419,7 @@ class Model(nn.Module):
         z = self.encoder(images, mask=mask, mask_token=self.mask_token)   # (B, 1+N, D)
         pred = self.head(z[:, 1:])                                        # (B, N, C); [CLS] unused
         loss, groups = dtm_loss(pred, target, schedule, self.cfg.loss_beta)
-        # tgt_std: spread of the targets over tokens; near 0 means a collapsed EMA teacher
-        return loss, {"groups": groups, "tgt_std": target.std(dim=(0, 1)).mean()}
+        return loss, {"groups": groups, "tgt_std": target.std(dim=(0, 1)).mean()}  # ~0: a collapsed EMA teacher
 
     @torch.no_grad()
     def ema_update(self, momentum):
@@ -439,13 +437,13 @@ class Model(nn.Module):
             mask, [(r, k), *_] = self.mask_and_schedule(n, gh, gw, x.device)
         G = morph_partition(self.targets(x), r, k)                       # (n, groups, N)
         gid = G.argmax(1)                                                 # (n, N) group of every patch
-        colours = torch.rand(gh * gw, 3, generator=torch.Generator().manual_seed(0)).to(x.device)[gid]
+        colours = torch.rand(gh * gw, 3, generator=torch.Generator().manual_seed(0)).to(x.device)[gid]  # (n, N, 3)
         colours[G.sum(-1).gather(1, gid) == 1] = 0.15                      # singletons dark grey
-        groups = colours.view(n, gh, gw, 3).permute(0, 3, 1, 2)           # (n, 3, gh, gw)
         mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in common.DATASETS[self.cfg.data][2])
-        shown, up = (x * std + mean).clamp(0, 1), lambda m: F.interpolate(m.float(), scale_factor=p)
-        hidden = shown * (1 - 0.75 * up(mask.view(n, 1, gh, gw)))
-        torchvision.utils.save_image(torch.cat([shown, up(groups), hidden]), path, nrow=n)
+        up = lambda m: F.interpolate(m.reshape(n, -1, gh, gw).float(), scale_factor=p)  # (n, c, N) -> pixels
+        shown = (x * std + mean).clamp(0, 1)
+        rows = [shown, up(colours.transpose(1, 2)), shown * (1 - 0.75 * up(mask))]  # input, groups, masked dark
+        torchvision.utils.save_image(torch.cat(rows), path, nrow=n)
 
 
 # ----------------------------------------------------------------------------

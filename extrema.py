@@ -404,9 +404,10 @@ class Model(nn.Module):
         B, N = images.shape[0], self.encoder.grid ** 2
         keep = multi_mask(torch.rand(B, N, device=images.device), self.cfg.num_masks, self.cfg.mask_ratio)
         q = self.predictor(self.encoder.head(self.encoder(images, keep)))  # (K*B, C)
-        with torch.no_grad():  # collapse checks: two masks of one image agree; target spread over the batch
-            qn = F.normalize(q.float(), dim=-1).view(-1, B, q.shape[-1])   # (K, B, C)
-            stats = {"mask_cos": (qn[0] * qn[-1]).sum(-1).mean(), "z_std": F.normalize(z.float(), dim=-1).std(0).mean()}
+        with torch.no_grad():  # collapse checks: z_std = per-dim std of z/|z| over the batch (1/sqrt(C) if spread
+            qn = F.normalize(q.float(), dim=-1).view(-1, B, q.shape[-1])   # evenly, ~0.2/sqrt(C) at init, 0 collapsed);
+            stats = {"z_std": F.normalize(z.float(), dim=-1).std(0).mean()}  # mask_cos: two masks of one image (K > 1)
+            stats.update({"mask_cos": (qn[0] * qn[-1]).sum(-1).mean()} if len(qn) > 1 else {})
         return extrema_loss(q, z), stats
 
     @torch.no_grad()
@@ -616,8 +617,7 @@ def train(cfg: Config):
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
 
-    fwd = torch.compile(model) if cfg.compile else model  # compile before DDP; we save `model`
-    tgt = torch.compile(target) if cfg.compile else target
+    fwd, tgt = (torch.compile(m) if cfg.compile else m for m in (model, target))  # compile before DDP; we save `model`
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -637,8 +637,8 @@ def train(cfg: Config):
         t_data = time.time()
         for views, _ in loader:
             data_wait += time.time() - t_data
-            views = views if cfg.color_aug else [views, views]             # no colour aug: the same tensor
-            images, images_t = (v.to(device, non_blocking=True) for v in views)  # online, target view
+            views = [v.to(device, non_blocking=True) for v in (views if cfg.color_aug else [views])]
+            images, images_t = views if cfg.color_aug else views * 2      # online, target (no colour aug: one copy)
             lr_now = cosine_schedule(step, total, lr, 0.0, warmup=int(cfg.warmup_epochs * steps_per_epoch))
             for g in opt.param_groups:
                 g["lr"] = lr_now

@@ -362,6 +362,14 @@ def test_attmask_hints_are_uniform_over_the_top_tokens():
     top = a[0].argsort(descending=True)[:19]
     freq = revealed.float().mean(0)                                     # 5 of 19 candidates per row
     assert freq.sum().item() == pytest.approx(5) and (freq[top] - 5 / 19).abs().max() < 0.04
+    # the same draws as the official torch.multinomial(top, k) after the per-crop drop draw
+    a, hi = a[:8], am.attmask(a[:8], 0.3, "attmask_high", 1.0, 0.1)
+    cand = torch.zeros(8, 196).scatter_(1, a.argsort(1, descending=True)[:, :19], 1.0)
+    torch.manual_seed(1)
+    h = am.attmask(a, 0.3, "attmask_hint", 1.0, 0.1)
+    torch.manual_seed(1)
+    torch.rand(8, 1)
+    assert torch.equal(h, hi.scatter(1, torch.multinomial(cand, 5), False))
 
 
 def test_attmask_mask_dropped_per_crop_with_probability_1_minus_p():
@@ -466,6 +474,9 @@ def test_attmask_schedules_and_per_tensor_clipping():
     big.grad, small.grad = torch.full((10,), 5.0), torch.full((3, 3), 0.1)
     am.clip_per_tensor([big, small], 3.0)
     assert big.grad.norm().item() == pytest.approx(3.0, rel=1e-5) and torch.equal(small.grad, torch.full((3, 3), 0.1))
+    t = [torch.ones(3), torch.full((2,), 2.0)]
+    am.ema_update(t, [torch.zeros(3), torch.zeros(2)], 0.9)             # theta_t <- m theta_t + (1 - m) theta_s
+    assert torch.allclose(t[0], torch.full((3,), 0.9)) and torch.allclose(t[1], torch.full((2,), 1.8))
 
 
 def test_attmask_fixed_batch_student_learns_to_match_fixed_targets():
@@ -494,11 +505,12 @@ def test_attmask_last_layer_frozen_in_epoch_0_and_ema_teacher(tmp_path, capsys):
     m = load_ckpt(tmp_path / "frozen")["model"]
     assert (tmp_path / "frozen" / "vis_0000002.png").exists()
     # the student's last layer never moved, so the EMA left the teacher's copy equal to it; the rest moved
-    torch.testing.assert_close(m["head.v"], m["teacher_head.v"], atol=1e-7, rtol=0)
+    for k in ("v", "g"):                                                # both halves of the weight-normed layer
+        torch.testing.assert_close(m[f"head.{k}"], m[f"teacher_head.{k}"], atol=1e-7, rtol=0)
     assert (m["head.mlp.0.weight"] - m["teacher_head.mlp.0.weight"]).abs().max() > 1e-5
     run_inprocess("attmask", args + ["--freeze_last_layer", "0"], tmp_path / "free", capsys)
     m = load_ckpt(tmp_path / "free")["model"]
-    assert (m["head.v"] - m["teacher_head.v"]).abs().max() > 1e-5
+    assert all((m[f"head.{k}"] - m[f"teacher_head.{k}"]).abs().max() > 1e-5 for k in ("v", "g"))
 
 
 def test_attmask_probe_encoder_is_teacher_last_blocks_cls_and_bad_mode_errors():
@@ -634,6 +646,24 @@ def test_amt_store_weights_from_attention():
     w2, a = amt.attention_to_weights(attn2), attn2[:, :, 1:]
     ref = ((a - a.amin(-1, keepdim=True)) / (a.amax(-1, keepdim=True) - a.amin(-1, keepdim=True))).mean(1)
     assert torch.allclose(w2, ref, atol=1e-6) and w2.amin() >= 0 and w2.amax() <= 1
+    vit, x, h = _amt_tiny_model().encoder.eval(), torch.randn(3, 3, 16, 16), {}  # the row the store is made from:
+    vit.blocks[-1].norm1.register_forward_hook(lambda m, i, o: h.__setitem__("z", o))  # LAST block, norm1(x) input
+    attn = vit(x, return_attn=True)[1]                                       # (3, heads, 1 + N)
+    q, k = vit.blocks[-1].attn.qkv(h["z"]).view(3, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)[:2]
+    want = (q[:, :, :1] @ k.transpose(-2, -1) / 4).softmax(-1)[:, :, 0]     # [CLS] query, scale hd^-1/2, softmax
+    assert attn.shape == (3, 2, 17) and torch.allclose(attn, want, atol=1e-5)
+
+
+class _amt_RecordIdx:
+    """A training loader that records each batch's dataset indices."""
+
+    def __init__(self, loader, out):
+        self.loader, self.sampler, self.out = loader, loader.sampler, out
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.out.append(batch[-1].clone())
+            yield batch
 
 
 def _amt_synthetic_small(monkeypatch, n):
@@ -646,13 +676,20 @@ def test_amt_phases_resume_and_store(tmp_path, monkeypatch):
     _amt_synthetic_small(monkeypatch, 48)                                       # 6 steps per epoch
     args = _amt_PICO + ["--amt_start", "0", "--refresh_every", "1", "--epochs", "4"]
     run = lambda out, steps: amt.train(amt.parse_config(args + ["--max_steps", str(steps), "--out_dir", str(out)]))
+    got_maps, got_idx, real_pw, real_loader = [], [], amt.patch_weights, common.make_loader
+    monkeypatch.setattr(amt, "patch_weights", lambda m, box, p: got_maps.append(m.clone()) or real_pw(m, box, p))
+    monkeypatch.setattr(common, "make_loader", lambda *a, **k: _amt_RecordIdx(real_loader(*a, **k), got_idx))
     run(tmp_path / "a", 14)
+    maps_a, idx_a = got_maps[:], got_idx[:]                                # run a only
     run(tmp_path / "b", 7)
     run(tmp_path / "b", 14)
     A, B = load_ckpt(tmp_path / "a"), load_ckpt(tmp_path / "b")
     assert A["step"] == B["step"] == 14 and A["store_epoch"] == B["store_epoch"] == 1
     assert max_param_diff(A["model"], B["model"]) < 1e-5 and torch.equal(A["store"], B["store"])
     assert A["store"].shape == (48, 4, 4) and A["store"].dtype == torch.float16
+    assert len(maps_a) == 8 and len(idx_a) >= 14                            # maps used from step 7 (epoch 1) on
+    for m, i in zip(maps_a[-2:], idx_a[12:14]):                              # steps 13, 14 use the final store:
+        assert torch.equal(m.cpu(), A["store"][i])                           # each image gets ITS OWN map
     assert 0 <= A["store"].min() and A["store"].max() <= 1 and A["store"].min() < 0.5
     log = open(tmp_path / "a" / "log.txt").read()
     assert log.count("attention store: 48 maps") == 2
@@ -859,6 +896,8 @@ def test_dtm_schedule_rounding_exhaustive():
     for _ in range(50):
         s = dtm.sample_schedule(2, 196, 14)
         assert len(s) == 2 and all(0 <= r <= 196 and 1 <= k <= 14 and r * k <= 196 for r, k in s)
+    assert {r for r, _ in dtm.sample_schedule(400, 10, 1)} == set(range(11))  # k = 1: r = n, all of 0..n_max
+    assert {k for _, k in dtm.sample_schedule(400, 196, 14)} == set(range(1, 15))  # all of 1..k_max
 
 
 # ----------------------------------------------------------------------------
@@ -866,18 +905,18 @@ def test_dtm_schedule_rounding_exhaustive():
 
 def test_dtm_same_partition_both_sides_and_gradients():
     torch.manual_seed(0)
-    T = torch.randn(3, 64, 16)
+    T = torch.randn(3, 64, 16, requires_grad=True)
     P = torch.randn(3, 64, 16, requires_grad=True)
     # same G on both sides: predictions equal to the targets give exactly zero loss for any schedule
     assert dtm.dtm_loss(T.clone(), T, [(10, 3), (40, 1)])[0].item() == 0.0
     G = dtm.morph_partition(T, 10, 3)
     manual = F.smooth_l1_loss(dtm.morph(G, P), dtm.morph(G, T), beta=2.0)
     assert torch.allclose(dtm.dtm_loss(P, T, [(10, 3)])[0], manual)
-    # G comes from the targets only: changing the predictions leaves it alone
-    assert torch.equal(dtm.morph_partition(T, 10, 3), G)
+    Gp = dtm.morph_partition(P, 10, 3)  # a partition from the predictions would give another loss
+    assert not torch.allclose(F.smooth_l1_loss(dtm.morph(Gp, P), dtm.morph(Gp, T), beta=2.0), manual)
     loss, _ = dtm.dtm_loss(P, T, [(10, 3), (40, 1)])
     loss.backward()
-    assert (P.grad.abs().sum(-1) > 0).all()  # every position of every image gets a gradient
+    assert (P.grad.abs().sum(-1) > 0).all() and T.grad is None  # every student position; never the targets
 
 
 def _dtm_tiny_cfg(*extra):
@@ -912,6 +951,14 @@ def test_dtm_morph_off_is_token_wise():
     model_on = dtm.Model(_dtm_tiny_cfg("--teacher", "random"))
     assert all(torch.equal(a, b) for a, b in zip(model.teacher.parameters(), model_on.teacher.parameters()))
     assert len(model_on.mask_and_schedule(4, 8, 8, "cpu")[1]) == 2
+    x = torch.randn(4, 3, 32, 32)  # the step replayed by hand: mask token at the mask, loss on ALL positions
+    for m, plain in ((model, True), (model_on, False)):
+        target = m.targets(x)
+        with torch.random.fork_rng(devices=[]):
+            mask, schedule = m.mask_and_schedule(4, 8, 8, "cpu")
+        pred = m.head(m.encoder(x, mask=mask, mask_token=m.mask_token)[:, 1:])  # (4, 64, 32)
+        want = F.smooth_l1_loss(pred, target, beta=2.0) if plain else dtm.dtm_loss(pred, target, schedule)[0]
+        assert (mask.sum(1) == 26).all() and torch.allclose(m(x, target)[0], want)
 
 
 # ----------------------------------------------------------------------------
@@ -999,6 +1046,7 @@ def test_dtm_clip_teacher_loads_openai_names_and_pools_to_grid(tmp_path):
     for name in ("ViT-B-16.pt", "clip.pt"):                               # both OpenAI formats
         model = dtm.Model(_dtm_tiny_cfg("--teacher", "clip", "--teacher_ckpt", str(tmp_path / name)))
         assert model.teacher.input_size == 56 and model.head.out_features == 512
+        assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.teacher.parameters())
         assert torch.allclose(model.teacher(x56), _dtm_clip_reference(sd, x56, heads=2), atol=1e-4), name
     x = torch.randn(2, 3, 32, 32)                                          # student: 8 x 8 patches of 4 px
     target = model.targets(x)                                              # teacher: 14 x 14 at 56 px
@@ -1145,13 +1193,15 @@ def test_a2mim_loss_matches_the_official_values(setting, ref):
     assert a2mim.focal_frequency_loss(y.detach(), x.float()).item() == pytest.approx(0.1674219365, rel=1e-5)
 
 
-def test_a2mim_focal_l1_values_and_baseline_switch():
+def test_a2mim_focal_l1_values_and_baseline_switch(monkeypatch):
     for e, ref in [(0.5, 0.0249792), (1.0, 0.0996680), (3.0, 0.8739378)]:
         pred, mask = torch.full((1, 3, 1, 1), e), torch.ones(1, 1, 1, 1, dtype=torch.bool)
         assert a2mim.a2mim_loss(pred, torch.zeros_like(pred), mask, "focal_l1", 0.0)[0].item() == pytest.approx(ref, rel=2e-5)
     x, y, cells = _a2mim_anchor()
+    full = a2mim.a2mim_loss(y, x, a2mim.expand_mask(cells, 16)[:, None], "l1", 0.1)
+    monkeypatch.setattr(a2mim, "focal_frequency_loss", lambda *a: pytest.fail("FFT computed at --freq_weight 0"))
     loss, spa, freq = a2mim.a2mim_loss(y, x, a2mim.expand_mask(cells, 16)[:, None], "l1", 0.0)
-    assert loss == spa and freq > 0  # --freq_weight 0: spatial loss only (the frequency term is still logged)
+    assert loss == spa == full[1] and freq == 0  # --freq_weight 0: spatial loss only, no FFT, logged as 0
 
 
 def test_a2mim_mask_token_is_added_not_substituted():
@@ -1276,13 +1326,15 @@ def test_extrema_encoder_attends_only_to_visible_tokens_and_pools_with_the_class
     torch.manual_seed(0)
     cfg = _extrema_tiny_cfg(proj_hidden=64, proj_dim=16)
     enc = ex.ExtremaEncoder(cfg, drop_path=0.0)
-    lens, queries = [], []
-    enc.blocks[0].register_forward_hook(lambda m, inp, out: lens.append(inp[0].shape))
+    lens, queries, first = [], [], []
+    enc.blocks[0].register_forward_hook(lambda m, inp, out: lens.append(inp[0].shape) or first.append(inp[0]))
     enc.blocks_token[1].attn.q.register_forward_hook(lambda m, inp, out: queries.append(inp[0].shape))
     x = torch.randn(3, 3, 32, 32)
     keep = ex.multi_mask(torch.rand(3, 64), 5, 0.8)
     out = enc(x, keep)
     assert lens[-1] == (15, 12, 32) and out.shape == (15, 32)                # K*B sequences of 12 tokens, no cls
+    tokens = enc.patch_embed(x).flatten(2).transpose(1, 2) + ex.sincos_pos_embed(32, 8, 8)  # positions before gather
+    torch.testing.assert_close(first[-1], torch.stack([tokens[r % 3, keep[r]] for r in range(15)]))  # row k*B + b
     assert queries[-1] == (15, 1, 32)                                         # the class token is the only query
     enc(x)
     assert lens[-1] == (3, 64, 32)                                            # the target view: all tokens
@@ -1323,6 +1375,10 @@ def test_extrema_loss_target_gradient_ema_and_schedules():
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in target.parameters())
     assert all(p.grad is not None for p in model.parameters()) and set(stats) == {"mask_cos", "z_std"}
+    # collapse stat: 0 for a constant target, about 1/sqrt(C) for spread-out targets; no mask_cos with one mask
+    one = ex.Model(_extrema_tiny_cfg(proj_hidden=64, proj_dim=16, num_masks=1))
+    assert set(one(x, zt)[1]) == {"z_std"} and one(x, zt[:1].repeat(2, 1))[1]["z_std"] < 1e-6
+    assert abs(model(torch.randn(256, 3, 32, 32), torch.randn(256, 16))[1]["z_std"] - 16 ** -0.5) < 0.01
     assert all(d.p == 0 for d in target.modules() if isinstance(d, ex.DropPath))
     # EMA: t <- m t + (1 - m) o, parameter by parameter
     with torch.no_grad():
@@ -1383,9 +1439,9 @@ def test_extrema_overfits_one_fixed_batch():
 def _extrema_resumed(tmp_path_factory):
     """4 steps straight vs 2 + resume + 2, in this process (the subprocess contract is tested generically)."""
     a, b = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("halves")
-    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=a, vis_every=4))
-    ex.train(_extrema_tiny_cfg(max_steps=2, out_dir=b))
-    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=b))
+    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=a, vis_every=4, color_aug=0))  # the default path runs in the
+    ex.train(_extrema_tiny_cfg(max_steps=2, out_dir=b, color_aug=0))               # shared tests; here one tensor
+    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=b, color_aug=0))               # feeds both branches
     return a, b
 
 
