@@ -277,6 +277,24 @@ def test_torchrun_two_processes(method, tmp_path):
     assert load_ckpt(tmp_path)["step"] == 3
 
 
+def test_eval_linear_under_torchrun_matches_one_process(tmp_path, capsys):
+    """Rank-sharded extraction gathered in dataset order: 2 gloo processes give the same probe."""
+    run_inprocess(PRESENT[0], method_args(PRESENT[0]) + ["--max_steps", "2"], tmp_path, capsys)
+    import eval_linear
+    one = eval_linear.main(["--ckpt", str(tmp_path / "checkpoint.pt"), "--epochs", "3", "--num_workers", "0"])
+    (cache,) = tmp_path.glob("features_*.pt")
+    single = torch.load(cache, weights_only=True)
+    cache.unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval_linear.py",
+           "--ckpt", str(tmp_path / "checkpoint.pt"), "--epochs", "3", "--num_workers", "0", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = json.load(open(tmp_path / "probe_synthetic.json"))
+    assert (two["linear_top1"], two["knn_top1"], two["n_train"]) == (one["linear_top1"], one["knn_top1"], one["n_train"])
+    for a, b in zip(single, torch.load(cache, weights_only=True)):  # same features, same order
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
 def test_sigterm_to_the_process_group_saves_and_exits(tmp_path):
     """A scheduler's SIGTERM reaches the main process and its loader workers: the run saves at the next
     log step and exits cleanly (all methods at once, each in its own process group)."""
