@@ -65,6 +65,20 @@ def run_inprocess(method, args, out_dir, capsys):
     return capsys.readouterr().out
 
 
+def fit_one_batch(opt, loss_fn, steps, after_backward=None):
+    """Optimizer steps on one fixed batch; loss_fn(step) -> loss. Returns the loss of every step."""
+    losses = []
+    for step in range(steps):
+        loss = loss_fn(step)
+        opt.zero_grad()
+        loss.backward()
+        if after_backward:
+            after_backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def load_ckpt(out_dir):
     return torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
 
@@ -505,14 +519,7 @@ def test_attmask_fixed_batch_student_learns_to_match_fixed_targets():
     crops = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    losses = []
-    for step in range(25):
-        loss, stats = model(crops, step, 0)
-        opt.zero_grad()
-        loss.backward()
-        am.clip_per_tensor(params, 3.0)
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_one_batch(opt, lambda step: model(crops, step, 0)[0], 25, lambda: am.clip_per_tensor(params, 3.0))
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.3, losses
     assert model.mask_token.abs().sum() > 0                             # the mask token is learned
 
@@ -727,14 +734,11 @@ def test_amt_overfits_one_batch():
     torch.manual_seed(0)
     x, w = torch.randn(8, 3, 16, 16), torch.rand(8, 16) + 0.05
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(60):
+
+    def loss_fn(step):
         torch.manual_seed(1)                                               # the same masks every step
-        loss = model(x, w, 7, 6)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        return model(x, w, 7, 6)[0]
+    losses = fit_one_batch(opt, loss_fn, 60)
     assert all(map(torch.isfinite, torch.tensor(losses)))
     assert sum(losses[-10:]) < 0.7 * sum(losses[:10]), losses
     assert losses[-1] < 0.8  # predicting zeros gives ~0.98 on normalised pixels: it memorised the batch
@@ -1100,13 +1104,7 @@ def test_dtm_overfits_one_batch():
     x = torch.randn(8, 3, 32, 32)
     target = model.targets(x)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss, _ = model(x, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_one_batch(opt, lambda step: model(x, target)[0], 40)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
 
@@ -1266,13 +1264,8 @@ def test_a2mim_overfits_one_fixed_batch(model, dim):
     tf, ds = common.eval_transform("synthetic", 32), common.Synthetic(8, 32)
     images, noise = torch.stack([tf(ds[i][0]) for i in range(8)]), torch.rand(8, 64)  # one batch, one mask
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(12):
-        loss, stats = net(images, noise)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_one_batch(opt, lambda step: net(images, noise)[0], 12)
+    stats = net(images, noise)[1]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0], losses
     assert set(stats) == {"spatial", "freq"}
     assert torch.nn.Sequential(net.encoder, a2mim.Pool()).eval()(images).shape == (8, dim)
@@ -1440,16 +1433,13 @@ def test_extrema_overfits_one_fixed_batch():
     target = ex.make_target(cfg, model.encoder)
     opt = torch.optim.AdamW(ex.param_groups(model, 0.05), lr=2e-3, betas=(0.9, 0.95))
     x = torch.randn(8, 3, 32, 32)
-    losses = []
-    for step in range(30):
+
+    def loss_fn(step):
         ex.ema_update(target, model.encoder, ex.ema_momentum(step, 30, cfg.ema_momentum))
         with torch.no_grad():
             z = target.head(target(x))
-        loss, _ = model(x, z)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        return model(x, z)[0]
+    losses = fit_one_batch(opt, loss_fn, 30)
     assert all(math.isfinite(v) for v in losses) and np.mean(losses[-5:]) < 0.3 * np.mean(losses[:3]), losses
 
 
