@@ -92,6 +92,7 @@ class Config:
     momentum_teacher: float = 0.996  # teacher EMA momentum at step 0, cosine to 1 (20% subset: 0.99)
     weight_decay_end: float = 0.4  # weight decay follows a cosine from --weight_decay to this
     clip_grad: float = 3.0         # max grad norm of EACH parameter tensor (0 = off)
+    subset: float = 0              # imagenet/folder pre-training: first N (>= 1) or fraction (< 1) of every class (20% runs: 260)
 
 def preset(data: str, given: dict) -> dict:
     """Per-dataset recipe: ImageNet = the paper's (ViT-S/16, 4 GPUs x 60), small data = the spec's scaled one."""
@@ -584,7 +585,7 @@ def train(cfg: Config):
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # data: 2 global + L local crops; milder blur at <= 64 px, where it wipes the image out (spec 5.4)
-    dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
+    dataset = common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
     transform = common.MultiCrop(cfg.data, cfg.img_size, cfg.local_size, cfg.local_crops,
                                  blur=(1.0, 0.1, 0.5) if cfg.img_size > 64 else (0.5, 0.1, 0.2))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)

@@ -126,18 +126,19 @@ def tiny_imagenet_val(root):
     return ds
 
 
-def per_class_subset(ds, fraction):
-    """Keep the first `fraction` of each class (AttMask's 20% ImageNet protocol)."""
+def per_class_subset(ds, subset):
+    """Keep the first images of every class in ImageFolder order: a fraction (< 1) or a count (>= 1;
+    AttMask's "20%" ImageNet runs keep the first 260 of every class)."""
     by_class = {}
     for i, y in enumerate(ds.targets):
         by_class.setdefault(y, []).append(i)
-    keep = sorted(i for ids in by_class.values() for i in ids[:max(1, int(len(ids) * fraction))])
+    keep = sorted(i for ids in by_class.values() for i in ids[:int(subset) if subset >= 1 else max(1, int(len(ids) * subset))])
     ds.samples = [ds.samples[i] for i in keep]
     ds.targets = [ds.targets[i] for i in keep]
     return ds
 
 
-def build_dataset(name, data_dir, train, subset=1.0, synthetic_size=2000, img_size=32):
+def build_dataset(name, data_dir, train, subset=0, synthetic_size=2000, img_size=32):
     """Raw dataset of (PIL image, label). `train`: the pre-training split (STL-10: train+unlabeled)
     or 'probe-train'; False: the evaluation split."""
     if name not in DATASETS:
@@ -157,7 +158,7 @@ def build_dataset(name, data_dir, train, subset=1.0, synthetic_size=2000, img_si
         if name == "tiny-imagenet":
             return datasets.ImageFolder(os.path.join(data_dir, "train")) if train else tiny_imagenet_val(data_dir)
         ds = datasets.ImageFolder(os.path.join(data_dir, "train" if train else "val"))
-        return per_class_subset(ds, subset) if subset < 1 else ds
+        return per_class_subset(ds, subset) if subset and train else ds
     except SystemExit:
         raise
     except Exception as e:  # offline download, missing folder, empty folder

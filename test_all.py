@@ -121,6 +121,20 @@ def test_fashion_mnist_idx_reader(tmp_path):
     assert np.array_equal(a[2:30, 2:30, 0], imgs[2]) and a[:2].sum() == 0 and np.array_equal(a[..., 0], a[..., 2])
 
 
+def test_imagenet_folder_and_per_class_subset(tmp_path):
+    for split in ("train", "val"):
+        for c in ("n01", "n02"):
+            os.makedirs(tmp_path / split / c)
+            for i in range(5):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    full = common.build_dataset("imagenet", str(tmp_path), True)
+    assert len(full) == 10 and len(common.build_dataset("imagenet", str(tmp_path), False)) == 10
+    first3 = common.build_dataset("imagenet", str(tmp_path), True, subset=3)   # AttMask's "first 260 per class"
+    assert [os.path.basename(p) for p, _ in first3.samples] == ["0.png", "1.png", "2.png"] * 2
+    assert first3.targets == [0, 0, 0, 1, 1, 1]
+    assert len(common.build_dataset("imagenet", str(tmp_path), True, subset=0.4)) == 4
+
+
 def test_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
     import torchvision
 
