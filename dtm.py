@@ -71,11 +71,11 @@ class Config:
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
     batch_size: int = 0            # images per GPU per step; preset picks
-    blr: float = 0.0               # base learning rate per 256 images; lr = blr * batch * gpus / 256
+    blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
     num_workers: int = 4           # data loader processes per GPU
-    seed: int = 0                  # base seed; rank r uses seed + r
+    seed: int = 0                  # initial weights from seed on every rank; rank r then draws from seed + r
     compile: bool = False          # torch.compile the model (CUDA)
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
