@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -61,12 +62,13 @@ class Config:
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
-    num_workers: int = 4           # data loader processes per GPU
+    num_workers: int = common.default_workers()  # data loader processes per GPU (4, at most the CPU cores)
     seed: int = 0                  # initial weights from seed on every rank; rank r then draws from seed + r
     compile: bool = False          # torch.compile the model (CUDA)
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
-    vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
+    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = per epoch only), so kill -9 loses little
     # <<< shared: config
     mask_patch: int = 32           # cell side in pixels (32 at 224 px; 4 at 32 px); defaults: ResNet recipe
     mask_ratio: float = 0.6        # ceil(ratio * cells) cells hidden per image
@@ -93,9 +95,19 @@ def preset(data: str, given: dict) -> dict:
             "cifar10": small, "cifar100": small, "fashion-mnist": small,
             "stl10": {**small, "img_size": 96, "patch_size": 8, "mask_patch": 16},
             "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8, "mask_patch": 8},
-            "synthetic": {**small, "model": "vit_micro" if vit else "resnet_micro", "epochs": 20, "batch_size": 64,
-                          "blr": 1e-3, "warmup_epochs": 1}}[data]
+            "synthetic": {**small, "model": "vit_micro" if vit else "resnet_micro", "epochs": 5, "batch_size": 64,
+                          "blr": 1e-3, "warmup_epochs": 0.5, "vis_every": 50}}[data]  # bare command: ~1 min on 2 cores
 
+def check_config(cfg: Config):
+    """Every flag in its range and the combinations this file needs, at parse time: one line, nothing written."""
+    c = common
+    c.check_fields(cfg, {
+        "model": c.one_of(*RESNETS, *VIT_SIZES), "mask_patch": c.at_least(1), "mask_ratio": c.fraction(),
+        "mask_layer": c.at_least(0), "fill": c.one_of("mean", "zero"), "mask_gamma": c.at_least(0),
+        "spatial_loss": c.one_of("focal_l1", "l1"), "freq_weight": c.at_least(0), "unmask_weight": c.at_least(0),
+        "step_epoch": c.at_least(0)})
+    with torch.device("meta"):  # the model's own shape checks (mask cells vs strides, stage / block index), no memory
+        Model(cfg)
 
 # >>> shared: parse_config
 def parse_config(argv=None) -> Config:
@@ -121,8 +133,20 @@ def parse_config(argv=None) -> Config:
     data = given.get("data", Config.data)
     if data not in common.DATASETS:
         die(f"unknown --data {data}; choose one of {', '.join(common.DATASETS)}")
-    cfg = Config(**{**preset(data, given), **given})
+    recipe = data
+    if data == "folder":  # the recipe of the nearest image size: small images get the small-data one
+        folder = given.get("data_dir", Config.data_dir)
+        if not os.path.isdir(os.path.join(folder, "train")):
+            die(f"--data folder needs --data_dir with a train/ folder of class subfolders; {folder} has none")
+        size = common.describe_folder(folder)  # its native size, mean and std
+        size = given.get("img_size") or size
+        recipe = "cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else "stl10" if size <= 160 else "folder"
+        if not os.path.isdir(os.path.join(folder, "val")) and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {folder} has no val/ folder: pre-training works, but eval_linear.py "
+                  "(and any online kNN) needs val/<class>/<images>")
+    cfg = Config(**{**preset(recipe, given), **given})
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
+    check_config(cfg)  # ranges and combinations: one line and nothing written when a flag is wrong
     return cfg
 # <<< shared: parse_config
 
@@ -404,7 +428,6 @@ class Model(nn.Module):
     @torch.no_grad()
     def visualize(self, images, path):
         """Rows: original, mean-filled input, prediction, centred log-amplitude spectra of prediction and target."""
-        import torchvision
         mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in common.DATASETS[self.cfg.data][2])
         with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
             x, pred, _ = self.eval().reconstruct(images[:8].float())
@@ -412,7 +435,7 @@ class Model(nn.Module):
         for t in (pred, images[:8]):  # log(1 + |F|), DC centred, scaled to [0, 1] per image
             a = torch.fft.fftshift(torch.fft.fft2(t.float()).abs().log1p().mean(1, keepdim=True), dim=(2, 3))
             rows.append((a / a.amax((2, 3), True)).expand(-1, 3, -1, -1))
-        torchvision.utils.save_image(torch.cat(rows), path, nrow=len(x))
+        common.save_picture(path, rows, ["image", "masked input", "prediction", "spectrum (pred)", "spectrum (image)"])
         self.train()
 
 
@@ -508,10 +531,20 @@ def rng_states(world):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temp file then rename, so a crash never leaves a half-written checkpoint."""
+    """Atomic: write a temp file then rename, so a crash never leaves a half-written checkpoint. config.json
+    next to it is the config of that checkpoint (a resume that fails never rewrites it)."""
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+    with open(tmp, "w") as f:
+        json.dump(state["config"], f, indent=1)
+    os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
+
+
+def nonfinite_error(step, path):
+    """The one-line error of a diverged run; it names the checkpoint only if one was written."""
+    kept = f"{path} keeps the last good state" if os.path.exists(path) else "no checkpoint was written yet"
+    die(f"non-finite loss at step {step}; {kept} (lower --blr, or check the data)")
 
 
 def load_checkpoint(path):
@@ -531,13 +564,12 @@ class Logger:
     """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl."""
 
     def __init__(self, out_dir, master):
-        self.master, self.out_dir = master, out_dir
-        if master:
-            os.makedirs(out_dir, exist_ok=True)
+        self.master, self.out_dir = master, out_dir  # the folder is made at the first line: none on a failed start
 
     def print(self, msg):
         if self.master:
             print(msg, flush=True)
+            os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
@@ -554,11 +586,79 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-_stop_signal = []  # set by SIGTERM: save and leave at the next log step
+_stop_signal = []  # set by SIGTERM: save and leave after this step
+STOP_GRACE_S = 60  # after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
 
 
 def _on_sigterm(signum, frame):
     _stop_signal.append(signum)
+
+
+def _hard_exit(why):
+    sys.stderr.write(f"error: {why}; exiting without saving (the last checkpoint is kept)\n")
+    common._kill_workers()
+    os._exit(143)
+
+
+def _watch_sigterm(fd):
+    """A thread that sees every SIGTERM even while the main thread is stuck in C (a collective whose
+    peer died, a hung loader): the interpreter writes the signal number to `fd` as it arrives. The first
+    starts the grace timer; one more, 2 s or later (torchrun forwards the scheduler's copy at once), ends it."""
+    first = None
+    while True:
+        if signal.SIGTERM not in os.read(fd, 64):
+            continue
+        if first is None:
+            first = time.time()
+            timer = threading.Timer(STOP_GRACE_S, _hard_exit, [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
+            timer.daemon = True
+            timer.start()
+        elif time.time() - first > 2:
+            _hard_exit("a second SIGTERM")
+
+
+_watcher = []
+
+
+def handle_sigterm():
+    """SIGTERM: the loop saves and leaves after the current step (RunControl); the watcher thread ends a
+    stuck run. The watcher starts once per process (tests call train() many times)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if not _watcher and threading.current_thread() is threading.main_thread():
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        _watcher.append(threading.Thread(target=_watch_sigterm, args=(r,), daemon=True))
+        _watcher[0].start()
+
+
+class RunControl:
+    """Called once per step: (stop, save) = (a SIGTERM arrived, --save_every_min has passed), the same on
+    every rank at the same step, with no GPU sync and no blocking collective on the hot path. Under DDP
+    each step starts an async MAX all-reduce of this rank's two flags on a CPU (gloo) group and acts on
+    the one started the step before, which finished long ago: every rank stops one step later, together."""
+
+    def __init__(self, world, save_every_min):
+        self.world, self.every, self.t_save, self.pending = world, save_every_min * 60, time.time(), None
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+
+    def mine(self):
+        return torch.tensor([float(bool(_stop_signal)), float(0 < self.every < time.time() - self.t_save)])
+
+    def __call__(self):
+        if self.world == 1:
+            flags = self.mine()
+        else:
+            flags = torch.zeros(2)
+            if self.pending is not None:
+                self.pending[0].wait()
+                flags = self.pending[1]
+        if flags[1] > 0:
+            self.t_save = time.time()
+        if self.world > 1:  # after the reset above, so one save request is not sent twice
+            mine = self.mine()
+            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 # <<< shared: runtime
 
 
@@ -567,7 +667,7 @@ def train(cfg: Config):
     master = rank == 0
     torch.manual_seed(cfg.seed + rank)
     log = Logger(cfg.out_dir, master)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    handle_sigterm()
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # data: one RandomResizedCrop + flip view (scale from 0.67 for a ViT, 0.8 for a ResNet; Sec. 5)
@@ -595,7 +695,7 @@ def train(cfg: Config):
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile")}
+                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "save_every_min", "device", "compile")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         model.load_state_dict(ckpt["model"])
@@ -617,9 +717,6 @@ def train(cfg: Config):
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
     log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
-    if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     fwd = torch.compile(model) if cfg.compile else model  # compile before DDP; we save `model`
     if world > 1:
@@ -633,6 +730,7 @@ def train(cfg: Config):
 
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
+    control, stop_now = RunControl(world, cfg.save_every_min), False  # SIGTERM / timed save, every step
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
     epoch = step // steps_per_epoch
     while step < stop:
@@ -656,15 +754,15 @@ def train(cfg: Config):
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             step += 1
             log_steps += 1
-            if master and cfg.vis_every and step % cfg.vis_every == 0:
+            if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
                 model.visualize(images, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
-            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0:
-                flags = torch.stack([bad_step.float(), torch.tensor(float(bool(_stop_signal)), device=device)])
+            stop_now, save_now = control()
+            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0 or stop_now or save_now:
+                flags = torch.stack([bad_step.float(), torch.tensor(float(stop_now), device=device)])
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[0] >= 0:
-                    die(f"non-finite loss at step {int(flags[0]) + 1}; {path} keeps the last good state "
-                        "(lower --blr, or check the data)")
+                    nonfinite_error(int(flags[0]) + 1, path)
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
@@ -675,14 +773,15 @@ def train(cfg: Config):
                               + "".join(f" | {k} {row[k]:.4g}" for k in stats))
                     log.metrics(row)
                     t_log, data_wait, log_steps = time.time(), 0.0, 0
-                if flags[1] > 0:
+                if stop_now or save_now:  # mid-epoch: the sampler resumes inside the epoch
                     checkpoint(epoch)
+                if stop_now:
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
             if step >= stop:
                 break
             t_data = time.time()
-        if _stop_signal:
+        if stop_now:
             break
         if step % steps_per_epoch == 0:
             epoch += 1

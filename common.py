@@ -3,9 +3,14 @@ distributed loaders, and the frozen-feature probe (linear head sweep + weighted 
 
 Nothing here knows about a method; each method file imports only this module.
 """
+import atexit
+import ctypes
+import dataclasses
 import gzip
 import math
+import multiprocessing
 import os
+import signal
 import struct
 import sys
 
@@ -35,6 +40,57 @@ DATASETS = {
 def die(msg):
     """A one-line error for the user instead of a traceback."""
     raise SystemExit(f"error: {msg}")
+
+
+def default_workers():
+    """Loader processes per GPU: 4, but never more than the CPU cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
+
+
+# ----------------------------------------------------------------------------
+# Flag checks: every Config field gets a rule, applied by parse_config before anything runs
+
+def at_least(lo):
+    return lambda v: v >= lo, f">= {lo}"
+
+
+def above(lo):
+    return lambda v: v > lo, f"> {lo}"
+
+
+def between(lo, hi, open_hi=False):
+    return (lambda v: lo <= v < hi) if open_hi else (lambda v: lo <= v <= hi), f"in [{lo}, {hi}{')' if open_hi else ']'}"
+
+
+def fraction():
+    return lambda v: 0 < v < 1, "strictly between 0 and 1"
+
+
+def one_of(*choices):
+    return lambda v: v in choices, "one of " + ", ".join(map(str, choices))
+
+
+SHARED_RULES = {"img_size": above(0), "patch_size": above(0), "epochs": at_least(1), "max_steps": at_least(0),
+                "batch_size": at_least(1), "blr": above(0), "weight_decay": at_least(0), "warmup_epochs": at_least(0),
+                "num_workers": at_least(0), "seed": at_least(0), "log_every": at_least(1),
+                "device": one_of("auto", "cuda", "cpu"), "vis_every": at_least(0), "save_every_min": at_least(0)}
+
+
+def check_fields(cfg, rules):
+    """Every number finite, every field with a rule inside it, the data folder and out_dir usable:
+    a one-line error naming the flag otherwise."""
+    for name, v in dataclasses.asdict(cfg).items():
+        if isinstance(v, float) and not math.isfinite(v):
+            die(f"--{name} {v} is not a finite number")
+        ok, want = {**SHARED_RULES, **rules}.get(name, (None, ""))
+        if ok is not None and not ok(v):
+            die(f"unknown --{name} {v}; choose {want}" if isinstance(v, str) else
+                f"--{name} {v} is out of range: expected {want}")
+    if cfg.data in ("imagenet", "folder", "tiny-imagenet") and not os.path.isdir(os.path.join(cfg.data_dir, "train")):
+        die(f"--data {cfg.data} needs --data_dir with a train/ folder of class subfolders; {cfg.data_dir} has none")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        die(f"--out_dir {cfg.out_dir} is a file; pass a folder")
 
 
 # ----------------------------------------------------------------------------
@@ -126,6 +182,29 @@ def tiny_imagenet_val(root):
     return ds
 
 
+def describe_folder(data_dir, n=64):
+    """An ImageFolder's own native size (median side of its first n train images) and mean/std (over them),
+    installed as the `folder` entry of DATASETS so presets, normalisation and the probe use them."""
+    root = os.path.join(data_dir, "train")
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs)
+    pick = files[:: max(1, len(files) // n)][:n]
+    sides, pix = [], []
+    for f in pick:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                sides.append(min(im.size))
+                pix.append(np.asarray(im.resize((32, 32)), np.float32).reshape(-1, 3) / 255)
+        except Exception:  # not an image (or a broken one): the loader reports it if training meets it
+            continue
+    if not sides:
+        die(f"--data folder: no readable images under {root}; it needs train/<class>/<image files>")
+    x = np.concatenate(pix)
+    size = int(np.median(sides))
+    DATASETS["folder"] = (size, 0, (tuple(x.mean(0).round(4).tolist()), tuple(x.std(0).round(4).tolist())))
+    return size
+
+
 def per_class_subset(ds, subset):
     """Keep the first images of every class in ImageFolder order: a fraction (< 1) or a count (>= 1;
     AttMask's "20%" ImageNet runs keep the first 260 of every class)."""
@@ -144,6 +223,7 @@ def build_dataset(name, data_dir, train, subset=0, synthetic_size=2000, img_size
     if name not in DATASETS:
         die(f"unknown --data {name}; choose one of {', '.join(DATASETS)}")
     pretrain = train is True
+    existed = os.path.isdir(data_dir)
     try:
         if name == "synthetic":
             return Synthetic(synthetic_size if train else synthetic_size // 4, img_size, seed=0 if train else 1)
@@ -162,6 +242,8 @@ def build_dataset(name, data_dir, train, subset=0, synthetic_size=2000, img_size
     except SystemExit:
         raise
     except Exception as e:  # offline download, missing folder, empty folder
+        if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
+            os.rmdir(data_dir)  # a failed download leaves no empty folder behind
         die(f"cannot load --data {name} from --data_dir {data_dir} ({type(e).__name__}: {str(e)[:120]}); "
             "put the files there (see README) or use --data synthetic")
 
@@ -198,7 +280,8 @@ def mim_transform(data, img_size, scale=(0.2, 1.0), color=False):
 def eval_transform(data, img_size):
     """Resize + centre crop (ratio 224/256 at ImageNet-like sizes, identity at native size)."""
     native = DATASETS[data][0]
-    resize = img_size if img_size == native and native <= 64 else int(round(img_size * 256 / 224))
+    whole = (img_size == native and native <= 64) or (data == "folder" and native <= 96)  # small: no crop margin
+    resize = img_size if whole else int(round(img_size * 256 / 224))
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
                       T.ToTensor(), normalize(data)])
 
@@ -323,22 +406,62 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.per_rank - self.skip
 
 
-def _ignore_sigterm(worker_id):
+def _kill_workers():
+    """At exit (also after a crash): loader workers ignore SIGTERM, so multiprocessing's own exit handler,
+    which sends SIGTERM and then waits for them, would wait forever. SIGKILL them first."""
+    for p in multiprocessing.active_children():
+        p.kill()
+        p.join(1)
+
+
+def _worker_init(worker_id):
     """Loader workers leave SIGTERM to the main process, which saves a checkpoint before exiting
-    (a scheduler's SIGTERM reaches the whole process group)."""
-    import signal
+    (a scheduler's SIGTERM reaches the whole process group), and die at once with their parent
+    (Linux PR_SET_PDEATHSIG = 1: SIGKILL when the parent exits, even by kill -9)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the line above
+        os._exit(1)
 
 
-def make_loader(ds, transform, batch_size, train=True, seed=0, rank=0, world=1, num_workers=4,
+atexit.register(_kill_workers)  # registered after multiprocessing's handler, so it runs before it
+
+
+def make_loader(ds, transform, batch_size, train=True, seed=0, rank=0, world=1, num_workers=None,
                 with_index=False, pin=True):
     """Pre-training (train=True: shuffle, drop_last) or extraction loader over SeededView(ds)."""
     sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world=world, drop_last=train)
+    num_workers = default_workers() if num_workers is None else num_workers
     return torch.utils.data.DataLoader(
         SeededView(ds, transform, seed, with_index), batch_size=batch_size, sampler=sampler,
         num_workers=num_workers, pin_memory=pin and torch.cuda.is_available(), drop_last=train,
         persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_ignore_sigterm)
+        worker_init_fn=_worker_init)
+
+
+# ----------------------------------------------------------------------------
+# Pictures
+
+def save_picture(path, rows, labels, min_tile=96, pad=2):
+    """The one picture layout of every method's --vis_every PNG: a column per image, a row per stage, the
+    stage's name on the left. rows: (n, C, h, w) tensors in [0, 1] (C = 1 or 3, the same n, h, w);
+    small tiles are upscaled (nearest, so patches stay sharp) to at least min_tile pixels."""
+    from PIL import ImageDraw
+    n, (h, w) = rows[0].shape[0], rows[0].shape[-2:]
+    s = max(1, math.ceil(min_tile / min(h, w)))
+    tiles = [F.interpolate(r.detach().float().cpu().clamp(0, 1).expand(-1, 3, -1, -1), scale_factor=s, mode="nearest")
+             for r in rows]                                             # (n, 3, s*h, s*w) each
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = 8 + max(int(draw.textlength(label)) for label in labels)
+    canvas = Image.new("RGB", (margin + n * (s * w + pad), len(rows) * (s * h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (t, label) in enumerate(zip(tiles, labels)):
+        top = i * (s * h + pad)
+        draw.text((4, top + s * h // 2 - 5), label, fill="black")
+        for j, tile in enumerate((t * 255).round().byte().permute(0, 2, 3, 1).numpy()):
+            canvas.paste(Image.fromarray(tile), (margin + j * (s * w + pad), top))
+    canvas.save(path)
 
 
 # ----------------------------------------------------------------------------
@@ -350,15 +473,17 @@ def world_info():
 
 
 @torch.no_grad()
-def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=4, desc="features"):
+def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=None, desc="features"):
     """Features (n, D) float32 and labels (n,) of the whole dataset, each rank a strided shard,
     gathered on every rank. A progress bar on rank 0 when stderr is a terminal."""
     from tqdm import tqdm
     rank, world = world_info()
     per = math.ceil(len(ds) / world)
     loader = torch.utils.data.DataLoader(
-        SeededView(ds, transform), batch_size=batch_size, num_workers=num_workers,
-        sampler=list(range(rank, len(ds), world)), pin_memory=device != "cpu")
+        SeededView(ds, transform), batch_size=batch_size,
+        num_workers=default_workers() if num_workers is None else num_workers,
+        sampler=list(range(rank, len(ds), world)), pin_memory=str(device).startswith("cuda"),
+        worker_init_fn=_worker_init)
     encoder.eval().to(device)
     amp = torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
     feats, labels = [], []
@@ -422,7 +547,7 @@ def linear_probe(train_f, train_y, test_f, test_y, lrs=(0.01, 0.03, 0.1, 0.3, 1.
     return acc[best], lrs[best]
 
 
-def probe(encoder, data, data_dir, img_size, device="cpu", batch_size=256, num_workers=4,
+def probe(encoder, data, data_dir, img_size, device="cpu", batch_size=256, num_workers=None,
           cache=None, epochs=100, synthetic_size=2000):
     """Frozen-feature evaluation of `encoder(images) -> (B, D)`: linear top-1 (best of the lr sweep)
     and kNN top-1 (k=20, T=0.07). Features are cached in `cache` (a .pt path) when given."""

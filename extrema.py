@@ -36,6 +36,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -69,12 +70,13 @@ class Config:
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
-    num_workers: int = 4           # data loader processes per GPU
+    num_workers: int = common.default_workers()  # data loader processes per GPU (4, at most the CPU cores)
     seed: int = 0                  # initial weights from seed on every rank; rank r then draws from seed + r
     compile: bool = False          # torch.compile the model (CUDA)
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
-    vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
+    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = per epoch only), so kill -9 loses little
     # <<< shared: config
     num_masks: int = 5             # K disjoint masks per image, one batch of K*B in the encoder (paper 5; 8 at 90%)
     mask_ratio: float = 0.8        # hidden fraction per mask; visible = floor(N * (1 - ratio)) (paper 0.8; 0.9)
@@ -100,10 +102,20 @@ def preset(data: str, given: dict) -> dict:
         "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8},
         "folder": {**small, "img_size": 224, "patch_size": 16, "model": "vit_small", "batch_size": 256,
                    "drop_path": 0.1, "proj_hidden": 4096},
-        "synthetic": {**small, "model": "vit_micro", "epochs": 20, "batch_size": 64, "blr": 5e-4, "warmup_epochs": 1,
-                      "proj_hidden": 512, "ema_momentum": 0.99},
+        "synthetic": {**small, "model": "vit_micro", "epochs": 5, "batch_size": 64, "blr": 5e-4, "warmup_epochs": 0.5,
+                      "proj_hidden": 512, "ema_momentum": 0.99, "vis_every": 50},  # bare command: ~1 min on 2 cores
     }[data]
 
+def check_config(cfg: Config):
+    """Every flag in its range and the combinations this file needs, at parse time: one line, nothing written."""
+    c = common
+    c.check_fields(cfg, {
+        "model": c.one_of(*VIT_SIZES), "num_masks": c.at_least(1), "mask_ratio": c.fraction(),
+        "drop_path": c.between(0, 1, open_hi=True), "ca_blocks": c.at_least(1), "ca_layer_scale": c.at_least(0),
+        "proj_hidden": c.at_least(1), "proj_dim": c.at_least(1), "ema_momentum": c.between(0, 1)})
+    if cfg.img_size % cfg.patch_size:
+        die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; pick sizes that divide")
+    check_masks((cfg.img_size // cfg.patch_size) ** 2, cfg.num_masks, cfg.mask_ratio)
 
 # >>> shared: parse_config
 def parse_config(argv=None) -> Config:
@@ -129,8 +141,20 @@ def parse_config(argv=None) -> Config:
     data = given.get("data", Config.data)
     if data not in common.DATASETS:
         die(f"unknown --data {data}; choose one of {', '.join(common.DATASETS)}")
-    cfg = Config(**{**preset(data, given), **given})
+    recipe = data
+    if data == "folder":  # the recipe of the nearest image size: small images get the small-data one
+        folder = given.get("data_dir", Config.data_dir)
+        if not os.path.isdir(os.path.join(folder, "train")):
+            die(f"--data folder needs --data_dir with a train/ folder of class subfolders; {folder} has none")
+        size = common.describe_folder(folder)  # its native size, mean and std
+        size = given.get("img_size") or size
+        recipe = "cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else "stl10" if size <= 160 else "folder"
+        if not os.path.isdir(os.path.join(folder, "val")) and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {folder} has no val/ folder: pre-training works, but eval_linear.py "
+                  "(and any online kNN) needs val/<class>/<images>")
+    cfg = Config(**{**preset(recipe, given), **given})
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
+    check_config(cfg)  # ranges and combinations: one line and nothing written when a flag is wrong
     return cfg
 # <<< shared: parse_config
 
@@ -412,8 +436,7 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def visualize(self, images, path):
-        """Rows = images; column 0 the online view, column k+1 the visible tokens of mask k on it."""
-        import torchvision
+        """Rows: the online view, then the visible tokens of each of the K masks on it."""
         K, g, p, B = self.cfg.num_masks, self.encoder.grid, self.cfg.patch_size, min(8, len(images))
         x = images[:B].float()                                             # (B, 3, H, W)
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -423,9 +446,7 @@ class Model(nn.Module):
         vis = torch.zeros(K * B, g * g, dtype=torch.bool, device=x.device).scatter_(1, keep, True)  # (K*B, N)
         vis = vis.view(K * B, 1, g, g).repeat_interleave(p, 2).repeat_interleave(p, 3)  # (K*B, 1, H, W)
         panels = torch.where(vis, x.repeat(K, 1, 1, 1), 0.85)              # hidden patches light grey
-        grid = torch.cat([x[None], panels.view(K, *x.shape)]).transpose(0, 1).flatten(0, 1)  # (B*(1+K), 3, H, W)
-        grid = F.interpolate(grid, scale_factor=max(1, 96 // x.shape[-1]), mode="nearest")
-        torchvision.utils.save_image(grid, path, nrow=1 + K, padding=2, pad_value=1.0)
+        common.save_picture(path, [x, *panels.view(K, *x.shape)], ["view"] + [f"mask {k + 1} visible" for k in range(K)])
 
 
 # ----------------------------------------------------------------------------
@@ -503,10 +524,20 @@ def rng_states(world):
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temp file then rename, so a crash never leaves a half-written checkpoint."""
+    """Atomic: write a temp file then rename, so a crash never leaves a half-written checkpoint. config.json
+    next to it is the config of that checkpoint (a resume that fails never rewrites it)."""
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+    with open(tmp, "w") as f:
+        json.dump(state["config"], f, indent=1)
+    os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
+
+
+def nonfinite_error(step, path):
+    """The one-line error of a diverged run; it names the checkpoint only if one was written."""
+    kept = f"{path} keeps the last good state" if os.path.exists(path) else "no checkpoint was written yet"
+    die(f"non-finite loss at step {step}; {kept} (lower --blr, or check the data)")
 
 
 def load_checkpoint(path):
@@ -526,13 +557,12 @@ class Logger:
     """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl."""
 
     def __init__(self, out_dir, master):
-        self.master, self.out_dir = master, out_dir
-        if master:
-            os.makedirs(out_dir, exist_ok=True)
+        self.master, self.out_dir = master, out_dir  # the folder is made at the first line: none on a failed start
 
     def print(self, msg):
         if self.master:
             print(msg, flush=True)
+            os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
@@ -549,11 +579,79 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-_stop_signal = []  # set by SIGTERM: save and leave at the next log step
+_stop_signal = []  # set by SIGTERM: save and leave after this step
+STOP_GRACE_S = 60  # after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
 
 
 def _on_sigterm(signum, frame):
     _stop_signal.append(signum)
+
+
+def _hard_exit(why):
+    sys.stderr.write(f"error: {why}; exiting without saving (the last checkpoint is kept)\n")
+    common._kill_workers()
+    os._exit(143)
+
+
+def _watch_sigterm(fd):
+    """A thread that sees every SIGTERM even while the main thread is stuck in C (a collective whose
+    peer died, a hung loader): the interpreter writes the signal number to `fd` as it arrives. The first
+    starts the grace timer; one more, 2 s or later (torchrun forwards the scheduler's copy at once), ends it."""
+    first = None
+    while True:
+        if signal.SIGTERM not in os.read(fd, 64):
+            continue
+        if first is None:
+            first = time.time()
+            timer = threading.Timer(STOP_GRACE_S, _hard_exit, [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
+            timer.daemon = True
+            timer.start()
+        elif time.time() - first > 2:
+            _hard_exit("a second SIGTERM")
+
+
+_watcher = []
+
+
+def handle_sigterm():
+    """SIGTERM: the loop saves and leaves after the current step (RunControl); the watcher thread ends a
+    stuck run. The watcher starts once per process (tests call train() many times)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if not _watcher and threading.current_thread() is threading.main_thread():
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        _watcher.append(threading.Thread(target=_watch_sigterm, args=(r,), daemon=True))
+        _watcher[0].start()
+
+
+class RunControl:
+    """Called once per step: (stop, save) = (a SIGTERM arrived, --save_every_min has passed), the same on
+    every rank at the same step, with no GPU sync and no blocking collective on the hot path. Under DDP
+    each step starts an async MAX all-reduce of this rank's two flags on a CPU (gloo) group and acts on
+    the one started the step before, which finished long ago: every rank stops one step later, together."""
+
+    def __init__(self, world, save_every_min):
+        self.world, self.every, self.t_save, self.pending = world, save_every_min * 60, time.time(), None
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+
+    def mine(self):
+        return torch.tensor([float(bool(_stop_signal)), float(0 < self.every < time.time() - self.t_save)])
+
+    def __call__(self):
+        if self.world == 1:
+            flags = self.mine()
+        else:
+            flags = torch.zeros(2)
+            if self.pending is not None:
+                self.pending[0].wait()
+                flags = self.pending[1]
+        if flags[1] > 0:
+            self.t_save = time.time()
+        if self.world > 1:  # after the reset above, so one save request is not sent twice
+            mine = self.mine()
+            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 # <<< shared: runtime
 
 
@@ -562,7 +660,7 @@ def train(cfg: Config):
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same initial weights (and EMA copies) on every rank
     log = Logger(cfg.out_dir, master)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    handle_sigterm()
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # data: one crop + flip for both branches; colour jitter drawn per branch, or one tensor for both
@@ -590,7 +688,7 @@ def train(cfg: Config):
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile")}
+                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "save_every_min", "device", "compile")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         model.load_state_dict(ckpt["model"])
@@ -613,9 +711,6 @@ def train(cfg: Config):
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
     log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
-    if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     fwd, tgt = (torch.compile(m) if cfg.compile else m for m in (model, target))  # compile before DDP; we save `model`
     if world > 1:
@@ -630,6 +725,7 @@ def train(cfg: Config):
 
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
+    control, stop_now = RunControl(world, cfg.save_every_min), False  # SIGTERM / timed save, every step
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
     epoch = step // steps_per_epoch
     while step < stop:
@@ -655,15 +751,15 @@ def train(cfg: Config):
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             step += 1
             log_steps += 1
-            if master and cfg.vis_every and step % cfg.vis_every == 0:
+            if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
                 model.visualize(images, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
-            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0:
-                flags = torch.stack([bad_step.float(), torch.tensor(float(bool(_stop_signal)), device=device)])
+            stop_now, save_now = control()
+            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0 or stop_now or save_now:
+                flags = torch.stack([bad_step.float(), torch.tensor(float(stop_now), device=device)])
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[0] >= 0:
-                    die(f"non-finite loss at step {int(flags[0]) + 1}; {path} keeps the last good state "
-                        "(lower --blr, or check the data)")
+                    nonfinite_error(int(flags[0]) + 1, path)
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
@@ -674,14 +770,15 @@ def train(cfg: Config):
                               + "".join(f" | {k} {row[k]:.4g}" for k in stats))
                     log.metrics(row)
                     t_log, data_wait, log_steps = time.time(), 0.0, 0
-                if flags[1] > 0:
+                if stop_now or save_now:  # mid-epoch: the sampler resumes inside the epoch
                     checkpoint(epoch)
+                if stop_now:
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
             if step >= stop:
                 break
             t_data = time.time()
-        if _stop_signal:
+        if stop_now:
             break
         if step % steps_per_epoch == 0:
             epoch += 1
