@@ -78,8 +78,8 @@ SHARED_RULES = {"img_size": above(0), "patch_size": above(0), "epochs": at_least
 
 
 def check_fields(cfg, rules):
-    """Every number finite, every field with a rule inside it, the data folder and out_dir usable:
-    a one-line error naming the flag otherwise."""
+    """Every number finite, every field with a rule inside it, out_dir a folder (or new): a one-line error
+    naming the flag otherwise. (A missing data folder is reported by build_dataset, before anything is written.)"""
     for name, v in dataclasses.asdict(cfg).items():
         if isinstance(v, float) and not math.isfinite(v):
             die(f"--{name} {v} is not a finite number")
@@ -87,8 +87,6 @@ def check_fields(cfg, rules):
         if ok is not None and not ok(v):
             die(f"unknown --{name} {v}; choose {want}" if isinstance(v, str) else
                 f"--{name} {v} is out of range: expected {want}")
-    if cfg.data in ("imagenet", "folder", "tiny-imagenet") and not os.path.isdir(os.path.join(cfg.data_dir, "train")):
-        die(f"--data {cfg.data} needs --data_dir with a train/ folder of class subfolders; {cfg.data_dir} has none")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         die(f"--out_dir {cfg.out_dir} is a file; pass a folder")
 
@@ -409,8 +407,14 @@ class EpochSampler(torch.utils.data.Sampler):
 def _kill_workers():
     """At exit (also after a crash): loader workers ignore SIGTERM, so multiprocessing's own exit handler,
     which sends SIGTERM and then waits for them, would wait forever. SIGKILL them first."""
-    for p in multiprocessing.active_children():
+    try:  # torch's SIGCHLD handler would raise on these deaths and leave the rest alive
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except ValueError:  # not the main thread: the SIGTERM watcher, which exits at once anyway
+        pass
+    children = multiprocessing.active_children()
+    for p in children:
         p.kill()
+    for p in children:
         p.join(1)
 
 

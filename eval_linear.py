@@ -11,6 +11,7 @@ the best test top-1 is reported (the fast protocol of iBOT/DINOv2 sweeps; a full
 with augmentation would score somewhat higher). Results are written as JSON next to the checkpoint.
 """
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -32,7 +33,7 @@ def main(argv=None):
     ap.add_argument("--random_init", action="store_true", help="probe the same architecture, untrained (seed 0)")
     ap.add_argument("--epochs", type=int, default=100, help="linear-head epochs over the cached features")
     ap.add_argument("--batch_size", type=int, default=256)
-    ap.add_argument("--num_workers", type=int, default=4)
+    ap.add_argument("--num_workers", type=int, default=common.default_workers())
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     args = ap.parse_args(argv)
 
@@ -57,10 +58,19 @@ def main(argv=None):
     data, data_dir = args.data or cfg["data"], args.data_dir or cfg["data_dir"]
     method = importlib.import_module(ckpt["method"])
 
+    if data == "folder":  # its own native size and mean/std, as in training
+        if not os.path.isdir(os.path.join(data_dir, "train")):
+            die(f"--data folder needs --data_dir with train/ and val/ class folders; {data_dir} has no train/")
+        common.describe_folder(data_dir)
     torch.manual_seed(0)  # the random-init baseline is one fixed draw
     encoder = method.load_encoder(ckpt, random_init=args.random_init)
     tag = f"{data}{'_random' if args.random_init else ''}"
-    cache = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"features_{tag}_step{ckpt['step']}.pt")
+    # everything that changes the features: data, its folder, splits, size, which weights (step, file), random init
+    st = os.stat(args.ckpt)
+    key = [data, os.path.abspath(data_dir), "probe-train/eval", cfg["img_size"], ckpt["step"], st.st_size,
+           st.st_mtime_ns, args.random_init]
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+    cache = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"features_{tag}_step{ckpt['step']}_{digest}.pt")
     res = common.probe(encoder, data, data_dir, cfg["img_size"], device=device, batch_size=args.batch_size,
                        num_workers=args.num_workers, cache=cache, epochs=args.epochs)
     res.update(method=ckpt["method"], step=ckpt["step"], data=data, random_init=args.random_init)

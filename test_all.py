@@ -375,6 +375,174 @@ def test_bad_input_never_loses_a_checkpoint(method, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------
+# First runs and faults: flag checks, hangs, preemption, misleading state, pictures
+
+# one out-of-range value (+ the flags it needs) for every Config field of every file
+BAD_SHARED = {"data": ["mnist"], "model": ["vit_huge"], "img_size": ["0"], "patch_size": ["0"], "epochs": ["0"],
+              "max_steps": ["-1"], "batch_size": ["0"], "blr": ["nan"], "weight_decay": ["-1"], "warmup_epochs": ["inf"],
+              "num_workers": ["-1"], "seed": ["-1"], "compile": ["maybe"], "log_every": ["0"], "device": ["tpu"],
+              "vis_every": ["-1"], "save_every_min": ["-5"]}
+BAD_METHOD = {
+    "attmask": {"mask_mode": ["middle"], "pred_ratio": ["1.5"], "pred_ratio_var": ["-0.1"], "masking_prob": ["2"],
+                "show_max": ["-1"], "local_crops": ["-1"], "local_size": ["18"], "out_dim": ["0"], "head_hidden": ["0"],
+                "freeze_last_layer": ["-1"], "drop_path": ["1"], "teacher_temp": ["0"], "warmup_teacher_temp_epochs": ["-1"],
+                "center_momentum": ["1.5"], "momentum_teacher": ["nan"], "weight_decay_end": ["-1"], "clip_grad": ["-1"],
+                "subset": ["260"]},
+    "amt": {"amt": ["maybe"], "mask_ratio": ["0"], "throw_ratio": ["0.6"], "amt_start": ["-2"], "refresh_every": ["0"],
+            "dec_dim": ["0"], "dec_depth": ["0"], "dec_heads": ["5"], "norm_pix_loss": ["maybe"]},
+    "dtm": {"teacher": ["dino"], "teacher_ckpt": ["/nonexistent/ViT-B-16.pt", "--teacher", "clip"], "ema_momentum": ["2"],
+            "morph": ["maybe"], "morph_n_max": ["-1"], "mask_ratio": ["0.001"], "min_mask_block": ["0"],
+            "layer_scale": ["-1"], "loss_beta": ["-1"]},
+    "a2mim": {"mask_patch": ["3"], "mask_ratio": ["0"], "mask_layer": ["4"], "fill": ["noise"], "mask_gamma": ["-1"],
+              "spatial_loss": ["l2"], "freq_weight": ["-1"], "unmask_weight": ["inf"], "step_epoch": ["-1"]},
+    "extrema": {"num_masks": ["8"], "mask_ratio": ["1"], "drop_path": ["1"], "ca_blocks": ["0"], "ca_layer_scale": ["-1"],
+                "proj_hidden": ["0"], "proj_dim": ["0"], "ema_momentum": ["-0.1"], "color_aug": ["maybe"]},
+}
+CHECKED_ELSEWHERE = {"data_dir": "a missing folder: the CLI test below",
+                     "out_dir": "a file in its place: the CLI test below",
+                     "morph_levels": "0 is rejected by dtm.py's own morphing check",
+                     "morph_k_max": "0 is rejected by dtm.py's own morphing check"}
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_every_flag_out_of_range_is_a_one_line_error_at_parse_time(method):
+    mod = importlib.import_module(method)
+    fields = [f.name for f in dataclasses.fields(mod.Config)]
+    bad = {**BAD_SHARED, **BAD_METHOD[method]}
+    assert set(fields) == set(bad) | (set(CHECKED_ELSEWHERE) & set(fields)), "a field without an out-of-range case"
+    for name, (value, *extra) in bad.items():
+        with pytest.raises(SystemExit) as e:
+            mod.parse_config([f"--{name}", value, *extra])
+        msg = str(e.value)
+        assert msg.startswith("error: ") and "\n" not in msg and f"--{name}" in msg, (name, value, msg)
+
+
+def test_bad_flags_from_the_command_line_exit_nonzero_without_traceback_or_files(tmp_path):
+    """The same checks as a user meets them: exit code 1, one line on stderr, nothing written (no out/, no data/)."""
+    (tmp_path / "taken").write_text("")
+    cases = [("attmask.py", ["--blr", "nan"], "--blr"), ("dtm.py", ["--max_steps", "-1"], "--max_steps"),
+             ("a2mim.py", ["--data", "imagenet", "--data_dir", "missing", "--model", "resnet_micro"], "--data_dir"),
+             ("extrema.py", ["--out_dir", "taken"], "--out_dir")]
+    for script, args, flag in cases:
+        r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+        err = r.stderr.strip()
+        assert r.returncode != 0 and err.startswith("error: ") and "\n" not in err and flag in err, (script, err[-800:])
+        assert sorted(os.listdir(tmp_path)) == ["taken"], (script, os.listdir(tmp_path))
+
+
+def _image_folder(root, size=32, n=8, val=False, corrupt=False, seed=0):
+    g = np.random.default_rng(seed)
+    for split in ["train"] + (["val"] if val else []):
+        for c in range(2):
+            os.makedirs(root / split / f"c{c}", exist_ok=True)
+            for i in range(n):
+                px = g.integers(0, 256, (size, size, 3), dtype=np.uint8) // (2 - c)   # class 1 brighter
+                Image.fromarray(px).save(root / split / f"c{c}" / f"{i}.png")
+    if corrupt:
+        (root / "train" / "c0" / "3.png").write_bytes(b"not a png")
+    return root
+
+
+def test_a_crash_in_the_loop_ends_the_process_and_its_loader_workers(tmp_path):
+    """A corrupt image in a folder dataset crashes the loop: the process and its workers (which ignore
+    SIGTERM) must exit, not wait for each other forever. Also: a folder without val/ says so at start."""
+    d = _image_folder(tmp_path / "imgs", corrupt=True)
+    cmd = [sys.executable, os.path.join(HERE, "extrema.py"), "--data", "folder", "--data_dir", str(d), "--model",
+           "vit_pico", "--batch_size", "4", "--num_workers", "2", "--max_steps", "50", "--out_dir", str(tmp_path / "o")]
+    p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=90)
+    finally:
+        os.killpg(p.pid, 9) if p.poll() is None else None
+    assert p.returncode != 0 and "cannot identify image file" in err, err[-1500:]
+    assert "has no val/ folder" in out
+    alive = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert not alive, f"loader workers left behind: {alive}"
+
+
+def _torchrun_ranks(launcher_pid):
+    """{rank: pid} of the processes a torchrun launched, read from /proc."""
+    ranks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) != launcher_pid:
+                continue
+            env = dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in kv)
+        except (OSError, IndexError, ValueError):
+            continue
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = int(pid)
+    return ranks
+
+
+def _gone(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+def _wait_for_log(path, text, timeout=150):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (path.exists() and text in path.read_text()):
+        time.sleep(0.2)
+
+
+def test_torchrun_a_killed_rank_does_not_leave_rank_0_waiting(tmp_path):
+    """kill -9 of rank 1: rank 0's next collective fails and it exits with its loader workers, so the launcher
+    ends within seconds, not after its 30 s grace and a SIGKILL."""
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "extrema.py"), *method_args("extrema"), "--num_workers", "1", "--max_steps", "100000",
+           "--log_every", "1", "--device", "cpu", "--out_dir", str(tmp_path)]
+    p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _wait_for_log(tmp_path / "log.txt", "step 2/")
+        ranks = _torchrun_ranks(p.pid)
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        t = time.time()
+        p.communicate(timeout=25)
+        assert time.time() - t < 20 and _gone(ranks[0])
+    finally:
+        os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
+    assert p.returncode != 0
+
+
+def test_a_stuck_run_ends_on_a_second_sigterm(tmp_path):
+    """Its only loader worker stopped, the loop waits for data forever and the first SIGTERM (save at the
+    next step) cannot act; a second SIGTERM, 2 s later, ends the run at once with one line."""
+    import signal
+    import time
+    cmd = [sys.executable, os.path.join(HERE, "extrema.py"), *method_args("extrema"), "--num_workers", "1",
+           "--max_steps", "100000", "--log_every", "1", "--out_dir", str(tmp_path)]
+    p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _wait_for_log(tmp_path / "log.txt", "step 2/")
+        (worker,) = [int(w) for w in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                                    text=True).stdout.split()]
+        os.kill(worker, signal.SIGSTOP)
+        n, log = -1, tmp_path / "log.txt"
+        while n != len(log.read_text()):                # until the prefetched batches are used up
+            n = len(log.read_text())
+            time.sleep(2)
+        os.kill(p.pid, signal.SIGTERM)
+        time.sleep(2.5)
+        assert p.poll() is None                         # stuck: the first SIGTERM cannot act
+        os.kill(p.pid, signal.SIGTERM)
+        out, err = p.communicate(timeout=10)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
+    assert p.returncode != 0 and "a second SIGTERM" in err and "SIGTERM: saved" not in out, err[-1000:]
+
+
+# ----------------------------------------------------------------------------
 # Method: AttMask (attmask.py)
 
 def _attmask_tiny_cfg(*args):
@@ -1104,7 +1272,7 @@ def test_dtm_teacher_bad_input(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="no CLIP image tower"):
         dtm.Model(_dtm_tiny_cfg("--teacher", "clip", "--teacher_ckpt", str(tmp_path / "other.pt")))
-    for flags, hint in [(["--teacher", "dino"], "choose clip, ema or random"), (["--morph", "maybe"], "on or off")]:
+    for flags, hint in [(["--teacher", "dino"], "choose one of clip, ema, random"), (["--morph", "maybe"], "one of on, off")]:
         with pytest.raises(SystemExit, match=hint):
             dtm.Model(_dtm_tiny_cfg(*flags))
 
