@@ -281,9 +281,12 @@ def test_train_resume_finish_probe(method, tmp_path, capsys):
     a, s, h = method_args(method), tmp_path / "straight", tmp_path / "halves"
     out = run_inprocess(method, a + ["--max_steps", "4"], s, capsys)
     assert re.search(r"^summary \| .*img/s", out, re.M) and os.path.exists(s / "metrics.jsonl")
+    pic = Image.open(s / "vis_0000004.png")  # the synthetic preset ends with a picture (common.save_picture)
+    assert pic.height % (96 + 2) == 0 and pic.height >= 2 * 98
     run_inprocess(method, a + ["--max_steps", "2"], h, capsys)
     half = load_ckpt(h)
-    assert "resumed" in run_inprocess(method, a + ["--max_steps", "4"], h, capsys)
+    out = run_inprocess(method, a + ["--max_steps", "4"], h, capsys)
+    assert "resumed" in out and "'max_steps': (2, 4)" in out  # a changed stop point is announced
     A, B = load_ckpt(s), load_ckpt(h)
     assert A["method"] == method and A["step"] == B["step"] == 4
     states = [k for k, v in A.items() if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values())]
@@ -300,7 +303,8 @@ def test_train_resume_finish_probe(method, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", PRESENT)
 def test_torchrun_two_processes(method, tmp_path):
-    r = run_torchrun(f"{method}.py", method_args(method) + ["--max_steps", "3"], tmp_path)
+    # a timed checkpoint every step: all ranks must agree on when to save (it gathers their RNG states)
+    r = run_torchrun(f"{method}.py", method_args(method) + ["--max_steps", "3", "--save_every_min", "1e-9"], tmp_path)
     assert "device cpu x 2" in r.stdout and re.search(r"^summary \| .*steps 3", r.stdout, re.M)
     assert load_ckpt(tmp_path)["step"] == 3
 
@@ -540,6 +544,116 @@ def test_a_stuck_run_ends_on_a_second_sigterm(tmp_path):
     finally:
         os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
     assert p.returncode != 0 and "a second SIGTERM" in err and "SIGTERM: saved" not in out, err[-1000:]
+
+
+def test_loader_workers_die_within_a_second_of_their_parent(tmp_path):
+    """kill -9 of the main process: its loader workers follow at once (not at their 5 s watchdog poll)."""
+    import signal
+    import time
+    cmd = [sys.executable, os.path.join(HERE, "amt.py"), *method_args("amt"), "--num_workers", "2",
+           "--max_steps", "100000", "--log_every", "1", "--out_dir", str(tmp_path)]
+    p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        _wait_for_log(tmp_path / "log.txt", "step 2/")
+        workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        assert len(workers) == 2
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+        time.sleep(1.0)
+        assert all(_gone(w) for w in workers), "loader workers outlived their parent"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_stop_flag_acts_at_the_next_step_and_timed_checkpoints(method, tmp_path, capsys, monkeypatch):
+    """A SIGTERM is acted on after the step it arrives in (not at the next log step or epoch end), and
+    --save_every_min writes mid-epoch checkpoints without changing the run (resume stays exact)."""
+    mod = importlib.import_module(method)
+    a = method_args(method) + ["--log_every", "1000"]
+    monkeypatch.setattr(mod, "_stop_signal", [15])          # as if SIGTERM arrived during step 1
+    out = run_inprocess(method, a + ["--max_steps", "20"], tmp_path / "term", capsys)
+    assert "SIGTERM: saved" in out and load_ckpt(tmp_path / "term")["step"] == 1
+    monkeypatch.setattr(mod, "_stop_signal", [])
+    saved = []
+    real = mod.save_checkpoint
+    monkeypatch.setattr(mod, "save_checkpoint", lambda path, state: (saved.append(state["step"]), real(path, state)))
+    run_inprocess(method, a + ["--max_steps", "3", "--save_every_min", "1e-9"], tmp_path / "timed", capsys)
+    assert saved[:3] == [1, 2, 3], saved                     # every step is past the (tiny) interval
+
+
+@pytest.mark.parametrize("method", PRESENT[:1])
+def test_no_misleading_state_after_a_failed_start_or_resume(method, tmp_path, capsys, monkeypatch):
+    """A fresh run that diverges does not claim a checkpoint; a failed start leaves no empty out_dir or data
+    folder; a resume that fails keeps config.json as the checkpoint's; a changed stop point is announced."""
+    a = method_args(method)
+    with pytest.raises(SystemExit, match=r"non-finite loss at step \d+; no checkpoint was written yet"):
+        run_inprocess(method, a + ["--max_steps", "3", "--blr", "1e30", "--log_every", "1"], tmp_path / "nan", capsys)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="cannot load --data imagenet"):
+        run_inprocess(method, a + ["--data", "imagenet", "--data_dir", "nowhere"], tmp_path / "fail", capsys)
+    assert not (tmp_path / "fail").exists() and not (tmp_path / "nowhere").exists()
+    good = tmp_path / "good"
+    run_inprocess(method, a + ["--max_steps", "2"], good, capsys)
+    before = (good / "config.json").read_text()
+    assert json.loads(before)["max_steps"] == 2
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        run_inprocess(method, a + ["--max_steps", "6", "--blr", "1e30"], good, capsys)
+    assert (good / "config.json").read_text() == before
+    out = run_inprocess(method, a + ["--max_steps", "3"], good, capsys)
+    assert re.search(r"warning: resuming with changed settings .*'max_steps': \(2, 3\)", out)
+
+
+def test_folder_preset_follows_the_image_size_and_probe_uses_its_stats(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(common.DATASETS, "folder", common.DATASETS["folder"])   # restored afterwards
+    small = _image_folder(tmp_path / "small", size=32)
+    cfg = am.parse_config(["--data", "folder", "--data_dir", str(small)])
+    assert (cfg.img_size, cfg.patch_size, cfg.local_size, cfg.model) == (32, 4, 16, "vit_tiny")
+    assert "has no val/ folder" in capsys.readouterr().out
+    size, _, (mean, std) = common.DATASETS["folder"]
+    assert size == 32 and 0.3 < mean[0] < 0.4 and 0.2 < std[0] < 0.35   # class 0 in [0, 255], class 1 in [0, 127]
+    assert [t.size for t in common.eval_transform("folder", 32).transforms[:2]] == [32, (32, 32)]  # no resize to 37
+    big = _image_folder(tmp_path / "big", size=224, n=2, val=True)
+    cfg = am.parse_config(["--data", "folder", "--data_dir", str(big)])
+    assert (cfg.img_size, cfg.patch_size, cfg.local_size) == (224, 16, 96)
+    assert "no val/" not in capsys.readouterr().out
+
+
+def test_eval_linear_cache_is_keyed_by_the_data_folder(tmp_path, capsys, monkeypatch):
+    """Two folders with different labels: two caches and two different answers (not the first one twice)."""
+    import eval_linear
+    monkeypatch.setitem(common.DATASETS, "folder", common.DATASETS["folder"])
+    run_inprocess("amt", method_args("amt") + ["--max_steps", "1"], tmp_path / "run", capsys)
+    a = _image_folder(tmp_path / "a", n=6, val=True, seed=0)
+    b = _image_folder(tmp_path / "b", n=6, val=True, seed=1)
+    for c in ("c0", "c1"):  # b's val labels are a's swapped: the same features would score 100 - x
+        os.rename(b / "val" / c, b / "val" / f"tmp{c}")
+    os.rename(b / "val" / "tmpc0", b / "val" / "c1"), os.rename(b / "val" / "tmpc1", b / "val" / "c0")
+    ck = str(tmp_path / "run" / "checkpoint.pt")
+    args = ["--ckpt", ck, "--data", "folder", "--epochs", "5", "--num_workers", "0"]
+    ra = eval_linear.main(args + ["--data_dir", str(a)])
+    rb = eval_linear.main(args + ["--data_dir", str(b)])
+    assert len(list((tmp_path / "run").glob("features_folder_*.pt"))) == 2
+    assert ra["knn_top1"] != rb["knn_top1"] or ra["linear_top1"] != rb["linear_top1"]
+
+
+def test_picture_layout_and_quiet_defaults(tmp_path):
+    """One layout: a column per image, a row per stage, small tiles upscaled (nearest) to >= 96 px, a label
+    per row; workers never more than the cores, no pinned memory without CUDA."""
+    rows = [torch.rand(3, 3, 32, 32), torch.rand(3, 1, 32, 32)]
+    common.save_picture(str(tmp_path / "p.png"), rows, ["first", "second"])
+    im = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    assert im.shape[0] == 2 * (96 + 2) and (im.shape[1] - 3 * 98) > 10          # two rows, three 96-px columns
+    margin = im.shape[1] - 3 * 98
+    assert (im[:96, :margin] < 128).any() and (im[98:194, :margin] < 128).any()  # text in both row labels
+    tile = im[:96, margin:margin + 96]
+    assert (tile[::3, ::3] == tile[1::3, 1::3]).all()                            # nearest: 3x3 blocks
+    cores = len(os.sched_getaffinity(0))
+    assert am.parse_config([]).num_workers <= cores and common.default_workers() <= cores
+    if not torch.cuda.is_available():
+        assert not common.make_loader(common.Synthetic(16), T.ToTensor(), 4, num_workers=0).pin_memory
 
 
 # ----------------------------------------------------------------------------
