@@ -25,7 +25,7 @@ Deviations from the official code:
 - bf16 autocast on CUDA, not fp16 + GradScaler; no gradient accumulation; the refresh batch is --batch_size.
 
 Run:
-    python amt.py --data synthetic --max_steps 50                    # CPU smoke run, AMT from epoch 1
+    python amt.py                                                    # ~1 min CPU run, AMT from epoch 1
     torchrun --nproc_per_node=8 amt.py --data imagenet --data_dir /path/to/imagenet
     python amt.py --data cifar10 --amt off                           # the MAE baseline, same recipe
     python amt.py --data cifar10 --mask_ratio 0.75 --throw_ratio 0   # attention-driven masking only

@@ -24,7 +24,7 @@ Deviations from the official code:
     only (official eval paths get a (features, attention) pair).
 
 Run:
-    python attmask.py --data synthetic --max_steps 50                      # CPU smoke run
+    python attmask.py                                                      # ~1 min CPU run, synthetic data
     python attmask.py --data cifar10 --mask_mode random                    # iBOT baseline, same recipe
     torchrun --nproc_per_node=4 attmask.py --data imagenet --data_dir /path/to/imagenet
 """

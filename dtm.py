@@ -28,7 +28,7 @@ tokens to remove sampled (not groups left), 0/1 groups divided by size (= the pa
 matrices), loss over the N broadcast positions (a group of m counts m times).
 
 Run:
-    python dtm.py --data synthetic --max_steps 50                       # CPU smoke run
+    python dtm.py                                                       # ~1 min CPU run, synthetic data
     python dtm.py --data cifar10 [--morph off]                           # DTM / token-wise baseline
     torchrun --nproc_per_node=8 dtm.py --data imagenet --data_dir /path/to/imagenet \\
         --teacher clip --teacher_ckpt ViT-B-16.pt                        # paper recipe, 300 epochs

@@ -25,7 +25,7 @@ Deviations from the official code:
     fine-tuning, detection and the broken `infonce` loss are left out.
 
 Run:
-    python extrema.py --data synthetic --max_steps 50                     # CPU smoke run
+    python extrema.py                                                     # ~1 min CPU run, synthetic data
     python extrema.py --data cifar10 --num_masks 1                        # ablation: one mask per image
     torchrun --nproc_per_node=8 extrema.py --data imagenet --data_dir /path/to/imagenet
     python eval_linear.py --ckpt out/extrema-cifar10/checkpoint.pt        # linear + kNN probe (EMA encoder)

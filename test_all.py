@@ -656,6 +656,22 @@ def test_picture_layout_and_quiet_defaults(tmp_path):
         assert not common.make_loader(common.Synthetic(16), T.ToTensor(), 4, num_workers=0).pin_memory
 
 
+def test_readme_quick_start_is_three_commands_that_fit_together():
+    """pip install, a bare method run, and a probe of exactly the checkpoint that run writes; every method's
+    bare command is a short synthetic run that ends with a picture."""
+    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)[1]
+    cmds = [line.split("#")[0].split() for line in block.strip().splitlines()]
+    assert len(cmds) == 3 and cmds[0] == ["pip", "install", "-r", "requirements.txt"]
+    (py, script), (py2, ev, flag, ckpt) = cmds[1], cmds[2]
+    assert (py, py2, ev, flag) == ("python", "python", "eval_linear.py", "--ckpt")
+    cfg = importlib.import_module(script[:-3]).parse_config([])
+    assert ckpt == os.path.join(cfg.out_dir, "checkpoint.pt")
+    for m in PRESENT:
+        cfg = importlib.import_module(m).parse_config([])
+        steps = cfg.epochs * (2000 // cfg.batch_size)  # the synthetic set has 2000 images
+        assert cfg.data == "synthetic" and steps <= 160 and 0 < cfg.vis_every <= steps, (m, steps)
+
+
 # ----------------------------------------------------------------------------
 # Method: AttMask (attmask.py)
 
