@@ -454,6 +454,78 @@ def test_attmask_ratio_per_step_and_ibot_baselines():
     assert neighbours(blk) > 1.5 * neighbours(rnd.view(-1, 14, 14))
 
 
+def test_attmask_hint_count_from_a_second_independent_ratio_draw():
+    # official: get_pred_ratio() is called twice per step, once for the mask, once for the hints (spec 3.3b)
+    high_cfg = _attmask_tiny_cfg("--mask_mode", "attmask_high", "--masking_prob", "1")
+    hint_cfg = _attmask_tiny_cfg("--mask_mode", "attmask_hint", "--masking_prob", "1")
+    attn, steps = torch.rand(2, 2, 197), range(1500)
+    torch.manual_seed(0)
+    high = torch.stack([am.make_mask(high_cfg, attn, s, 14, 14) for s in steps])   # (S, 2, N)
+    hint = torch.stack([am.make_mask(hint_cfg, attn, s, 14, 14) for s in steps])
+    assert not (hint & ~high).any()
+    n_high, shown = high.sum(2).float(), (high & ~hint).sum(2).float()        # (S, 2)
+    rngs = [__import__("random").Random(s) for s in steps]                     # seed 0: (seed, step) -> step
+    r2 = torch.tensor([(g.uniform(0.1, 0.5), g.uniform(0.1, 0.5))[1] for g in rngs])
+    assert torch.equal(shown, (196 * (0.1 * r2)).floor()[:, None].expand(-1, 2))  # floor(N s r'), r' the 2nd draw
+    share = (shown / n_high)[:, 0]
+    assert share.max() > 0.35 and (share > 0.1).float().mean() > 0.15         # official: up to ~47%
+    assert abs(torch.corrcoef(torch.stack([n_high[:, 0], shown[:, 0]]))[0, 1]) < 0.1  # independent of r
+    # equal draws (r' = r) give today's masks: at most 10% of the High set revealed
+    a = _attmask_distinct_attention(4, 196)
+    for r in torch.linspace(0.1, 0.5, 41).tolist():
+        torch.manual_seed(2)
+        same = am.attmask(a, r, "attmask_hint", 1.0, 0.1, r)
+        torch.manual_seed(2)
+        assert torch.equal(same, am.attmask(a, r, "attmask_hint", 1.0, 0.1))
+        hi = am.attmask(a, r, "attmask_high", 1.0, 0.1)
+        assert ((hi & ~same).sum(1) == int(196 * (0.1 * r))).all() and int(196 * (0.1 * r)) <= 0.1 * hi.sum(1)[0]
+
+
+def _pieces(m):
+    """(R, h, w) bool -> (R,) number of 4-connected pieces: every cell takes the smallest label around it
+    until nothing changes, then a piece is a cell that kept its own label."""
+    R, h, w = m.shape
+    own = torch.arange(h * w).view(1, h, w)
+    lab = torch.where(m, own, h * w)
+    while True:
+        p = F.pad(lab, (1, 1, 1, 1), value=h * w)
+        near = torch.stack([p[:, 1:-1, 1:-1], p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amin(0)
+        new = torch.where(m, near, h * w)
+        if torch.equal(new, lab):
+            return (m & (lab == own)).sum((1, 2))
+        lab = new
+
+
+def test_attmask_block_masks_fragment_like_the_official_generator():
+    hand = torch.zeros(1, 5, 5, dtype=torch.bool)
+    hand[0, 0, :3] = hand[0, 1, 2] = hand[0, 3, 0] = hand[0, 2:, 4] = True       # an L, a dot, a bar
+    assert _pieces(hand).tolist() == [3]
+    # official iBOT loader: block area ~ U[16, r N - count], r N not floored; with the floored cap the
+    # end of a mask fills up with 1-patch blocks (1.43 pieces per crop). The official generator gives 1.32
+    # (1.336 +- 0.008 over 4000 of its masks): 3000 masks have a standard error of ~0.01, so 0.04 is 4 SE
+    torch.manual_seed(0)
+    ratios = 0.1 + 0.4 * torch.rand(3000)
+    m = am.block_mask(ratios, 14, 14).view(-1, 14, 14)
+    assert abs(_pieces(m).float().mean().item() - 1.32) < 0.04
+    assert (m.flatten(1).sum(1) <= (ratios * 196).floor()).all()                # never over floor(r N)
+
+
+def test_attmask_head_logits_and_softmaxes_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    head, x = am.Head(32, 64, 32), torch.randn(3, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, z = head(x), head.mlp(x)                                           # z: the bf16 bottleneck
+    assert z.dtype == torch.bfloat16 and out.dtype == torch.float32
+    ref = F.normalize(z.float(), dim=-1) @ (head.g * F.normalize(head.v, dim=1)).T  # the last layer in fp32
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    model = am.Model(_attmask_tiny_cfg("--masking_prob", "1"))
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t_out = model.teacher_head(model.teacher(torch.cat(crops[:2])))
+        loss = model(crops, 0, 0)[0]
+    assert t_out.dtype == torch.float32 and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_attmask_one_teacher_pass_gives_targets_and_the_attention(monkeypatch):
     torch.manual_seed(0)
     cfg = _attmask_tiny_cfg("--mask_mode", "attmask_high", "--masking_prob", "1", "--local_crops", "2")
