@@ -1181,6 +1181,65 @@ def test_dtm_teacher_bad_input(tmp_path):
             dtm.Model(_dtm_tiny_cfg(*flags))
 
 
+def test_dtm_impossible_morph_settings_are_one_line_errors(tmp_path):
+    for flag in ("morph_k_max", "morph_levels"):                                # through the CLI, as a user
+        r = run_script("dtm.py", TINY + [f"--{flag}", "0", "--max_steps", "1"], tmp_path / flag, check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stdout + r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and f"--{flag} 0" in r.stderr, r.stderr
+    with pytest.raises(SystemExit, match="--morph_n_max -1"):
+        dtm.Model(_dtm_tiny_cfg("--morph_n_max", "-1"))
+
+
+def test_dtm_drop_path_in_the_student_only_and_zero_in_the_presets():
+    assert [dtm.parse_config(["--data", d]).drop_path for d in ("imagenet", "cifar10", "synthetic")] == [0, 0, 0]
+    torch.manual_seed(0)
+    model = dtm.Model(_dtm_tiny_cfg("--drop_path", "0.2"))                      # ema teacher: a copy of the student
+    assert [b.drop_path.p for b in model.encoder.blocks] == [0.0, 0.2]         # linear over depth, 0 first
+    assert [b.drop_path.p for b in model.teacher.blocks] == [0.0, 0.0]
+    x = torch.randn(16, 3, 32, 32)
+    assert not torch.equal(model.encoder(x), model.encoder(x))                # train mode: random depth
+    assert torch.equal(model.targets(x), model.targets(x))
+
+
+def _dtm_imagenet_folder(root):
+    for c in ("n01", "n02"):
+        os.makedirs(root / "train" / c)
+        for i in range(4):
+            pixels = np.random.RandomState(i + 10 * len(c)).randint(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / c / f"{i}.png")
+    return ["--data", "imagenet", "--data_dir", str(root), "--model", "vit_pico", "--img_size", "32", "--patch_size",
+            "4", "--batch_size", "4", "--num_workers", "0", "--min_mask_block", "4", "--morph_k_max", "8",
+            "--log_every", "1", "--warmup_epochs", "0"]
+
+
+def test_dtm_clip_checkpoint_names_the_tower_file_and_imagenet_says_which_teacher(tmp_path, capsys):
+    import hashlib
+    args = _dtm_imagenet_folder(tmp_path / "imagenet")
+    clip = tmp_path / "clip.pt"
+    torch.save(_dtm_openai_state_dict(), clip)
+    sha = hashlib.sha256(clip.read_bytes()).hexdigest()
+    c_args = args + ["--teacher", "clip", "--teacher_ckpt", str(clip)]
+    out = run_inprocess("dtm", c_args + ["--max_steps", "3"], tmp_path / "straight", capsys)
+    assert "note:" not in out                                                 # the paper's teacher: nothing to say
+    run_inprocess("dtm", c_args + ["--max_steps", "2"], tmp_path / "halves", capsys)
+    ckpt = load_ckpt(tmp_path / "halves")
+    assert not any(k.startswith("teacher.") for k in ckpt["model"])          # the frozen tower is not saved...
+    assert ckpt["teacher_file"] == {"path": str(clip.resolve()), "sha256": sha}  # ...its file is named instead
+    assert "resumed" in run_inprocess("dtm", c_args + ["--max_steps", "3"], tmp_path / "halves", capsys)
+    assert max_param_diff(load_ckpt(tmp_path / "straight")["model"], load_ckpt(tmp_path / "halves")["model"]) < 1e-6
+    torch.save(_dtm_openai_state_dict(seed=1), clip)                         # the file changed
+    with pytest.raises(SystemExit, match="sha256") as e:
+        run_inprocess("dtm", c_args + ["--max_steps", "4"], tmp_path / "halves", capsys)
+    clip.unlink()                                                             # the file is gone
+    with pytest.raises(SystemExit, match="is not a file") as e2:
+        run_inprocess("dtm", c_args + ["--max_steps", "4"], tmp_path / "halves", capsys)
+    assert "\n" not in str(e.value) + str(e2.value) and load_ckpt(tmp_path / "halves")["step"] == 3
+    # --data imagenet with the EMA teacher: one start-up line says it is not the paper's recipe
+    out = run_inprocess("dtm", args + ["--max_steps", "1"], tmp_path / "ema", capsys)
+    note = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "CLIP" in note[0] and "EMA teacher" in note[0], out
+
+
 # ----------------------------------------------------------------------------
 # Learning
 
