@@ -1424,16 +1424,37 @@ def test_a2mim_resnet_resume_groups_and_probe(tmp_path, capsys):
     A, B = load_ckpt(s), load_ckpt(h)
     assert max_param_diff(A["model"], B["model"]) < 1e-6 and torch.equal(A["model"]["encoder.stem.1.running_var"],
                                                                         B["model"]["encoder.stem.1.running_var"])
-    # mask token + gate: their own group, 0.1x lr, no weight decay (Sec. 5.1)
+    # mask token + gate (small recipes, as the 100-epoch config): their own group, 0.1x lr, no weight decay
     groups, state = A["optimizer"]["param_groups"], A["optimizer"]["state"]
     tok = [g for g in groups if "lr_scale" in g]
     assert len(tok) == 1 and tok[0]["lr_scale"] == 0.1 and tok[0]["weight_decay"] == 0.0
     assert [state[i]["exp_avg"].shape for i in tok[0]["params"]] == [(1, 128, 1, 1)] * 2
-    assert tok[0]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
+    cfg, lr = a2mim.Config(**A["config"]), 0.01 * 8 / 256                     # the last step was step 3
+    total = cfg.epochs * (2000 // 8)
+    assert tok[0]["lr"] == pytest.approx(a2mim.lr_at(cfg, 3, total, 0.1 * lr, 0, 250), rel=1e-9)  # own cosine to 1e-5
+    assert groups[0]["lr"] == pytest.approx(a2mim.lr_at(cfg, 3, total, lr, 0, 250), rel=1e-9)
     enc = a2mim.load_encoder(A)
     assert isinstance(enc[0], a2mim.ResNet) and not enc.training
     res = common.probe(enc, "synthetic", "", 32, num_workers=0, epochs=3, synthetic_size=200)
     assert res["dim"] == 256 and 0 <= res["linear_top1"] <= 100
+
+
+def test_a2mim_300_epoch_gate_group_and_the_1e5_floor_of_every_group(tmp_path, capsys):
+    assert not a2mim.parse_config(["--data", "imagenet"]).gate_like_token          # 300-epoch R50 config
+    assert a2mim.parse_config(["--data", "cifar10"]).gate_like_token               # 100-epoch config's choice
+    run_inprocess("a2mim", _a2mim_RES + ["--max_steps", "1", "--gate_like_token", "0"], tmp_path, capsys)
+    groups, state = (load_ckpt(tmp_path)["optimizer"][k] for k in ("param_groups", "state"))
+    shapes = [[tuple(state[i]["exp_avg"].shape) for i in g["params"]] for g in groups]
+    single = [g for g, sh in zip(groups, shapes) if sh == [(1, 128, 1, 1)]]     # the token's group, the gate's
+    (tok,), (gate,) = [g for g in single if "lr_scale" in g], [g for g in single if "lr_scale" not in g]
+    assert (tok["lr_scale"], tok["weight_decay"]) == (0.1, 0.0) and "lr_scale" not in gate
+    assert gate["weight_decay"] == 0.05 and gate["lr"] == groups[0]["lr"]       # base lr, decayed
+    # official (mmcv) cosine: min_lr 1e-5 is absolute, so the 0.1x group ends at 1e-5 too, not at 1e-6
+    cfg = a2mim.parse_config(["--data", "imagenet"])
+    ends = [a2mim.lr_at(cfg, s, 1000, base, 100, 10) for base in (1.2e-3, 1.2e-4) for s in (50, 550, 1000)]
+    assert ends == pytest.approx([6e-4, (1.2e-3 + 1e-5) / 2, 1e-5, 6e-5, (1.2e-4 + 1e-5) / 2, 1e-5], rel=1e-9)
+    vit = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])      # step x0.1 at epoch 700 of 800
+    assert [a2mim.lr_at(vit, s, 8000, 4e-4, 100, 10) for s in (6999, 7000, 8000)] == pytest.approx([4e-4, 4e-5, 4e-5])
 
 
 def test_a2mim_resnet_torchrun_two_processes(tmp_path):
