@@ -22,7 +22,7 @@ Deviations from the official code:
     with CIFAR stem, vit_tiny/4, 4-px cells) are the spec's proposal, not the paper's.
   - The frequency loss compares batch-MEAN spectra over each GPU's batch, so it depends on the per-GPU
     batch, not only on the effective one: the official ViT-B averages 128 images (8 x 128 x 2 accumulation);
-    256 per GPU averages 256 (more errors cancel in the mean: typically a smaller loss), not the same objective.
+    256 per GPU averages 256 (more errors cancel in the mean: typically a smaller loss): not the same loss.
 Run: python a2mim.py --data synthetic --max_steps 50 | python a2mim.py --data cifar10 [--model vit_tiny]
      torchrun --nproc_per_node=8 a2mim.py --data imagenet --data_dir /path/to/imagenet [--model vit_base]
 SimMIM-like baseline: --freq_weight 0, and for a ViT also --mask_layer 0 --fill zero."""
@@ -77,7 +77,8 @@ class Config:
     mask_layer: int = 3            # ResNet: token at the input of stage k+1 (3 = layer4); ViT: after l blocks
     fill: str = "mean"             # hidden pixels: "mean" (per-image channel mean) or "zero" (baseline)
     mask_gamma: float = 1e-6       # ResNet per-channel gate on hidden features, initial value (0 = none)
-    gate_like_token: bool = True   # gate: the token's 0.1x lr, no decay (100-ep config); False: base lr, wd (300-ep)
+    gate_like_token: bool = True   # ResNet gate as the token: 0.1x lr, no decay (100-epoch config);
+                                   # False: base lr, decayed (300-epoch config, the ImageNet preset)
     spatial_loss: str = "focal_l1" # "focal_l1" (ResNet: e*tanh(0.1e)) or "l1" (ViT)
     freq_weight: float = 0.5       # lambda of the frequency loss (ResNet 0.5, ViT 0.1; 0 = baseline)
     unmask_weight: float = 1e-3    # live-prediction share of visible pixels in the FFT input (ResNet 1e-3)

@@ -360,7 +360,7 @@ class Head(nn.Module):
 
     def forward(self, x):
         z = F.normalize(self.mlp(x).float(), dim=-1)                   # (..., 256)
-        with torch.autocast(x.device.type, enabled=False):  # fp32 logits: /0.04 makes bf16 steps 8x the fp16 ones
+        with torch.autocast(x.device.type, enabled=False):  # fp32 logits: after /0.04, bf16 is 8x fp16's steps
             return F.linear(z, self.g * F.normalize(self.v, dim=1))    # (..., K) fp32
 
 def teacher_temp(epoch, start, end, warmup_epochs):

@@ -369,7 +369,7 @@ def load_clip_visual(path):
     if "conv1.weight" not in sd or "proj" not in sd:
         die(f"--teacher_ckpt {path} holds no CLIP image tower (no visual.conv1.weight / visual.proj)")
     tower = CLIPVisual(sd)
-    tower.file = {"path": os.path.abspath(path), "sha256": sha256_of(path)}  # checkpoints keep this, not the tower
+    tower.file = {"path": os.path.abspath(path), "sha256": sha256_of(path)}  # checkpoints keep this, not weights
     return tower
 
 
@@ -395,7 +395,7 @@ class Model(nn.Module):
             die(f"unknown --morph {cfg.morph}; choose on or off")
         for flag, least in (("morph_levels", 1), ("morph_k_max", 1), ("morph_n_max", 0)):
             if getattr(cfg, flag) < least:
-                die(f"--{flag} {getattr(cfg, flag)} is impossible: use >= {least} (token-wise targets: --morph off)")
+                die(f"--{flag} {getattr(cfg, flag)} is impossible: use >= {least} (no morphing: --morph off)")
         self.cfg = cfg
         self.encoder = build_vit(cfg.model, cfg.img_size, cfg.patch_size, layer_scale=cfg.layer_scale,
                                  drop_path=cfg.drop_path)
@@ -452,7 +452,7 @@ class Model(nn.Module):
             t.lerp_(s.detach(), 1.0 - momentum)
 
     def trained_state(self):
-        """What a checkpoint keeps: the state without a CLIP tower (frozen, ~344 MB; its file is named instead)."""
+        """What a checkpoint keeps: the state without a CLIP tower (frozen, ~344 MB: its file is named)."""
         clip = self.cfg.teacher == "clip"
         return {k: v for k, v in self.state_dict().items() if not (clip and k.startswith("teacher."))}
 
@@ -461,7 +461,8 @@ class Model(nn.Module):
         the file the run started with (same sha256)."""
         saved, now = ckpt.get("teacher_file"), getattr(self.teacher, "file", None)
         if saved and (now is None or now["sha256"] != saved["sha256"]):
-            have = f"--teacher_ckpt {now['path']} differs" if now else f"this command has --teacher {self.cfg.teacher}"
+            have = (f"--teacher_ckpt {now['path']} differs" if now else
+                    f"this command has --teacher {self.cfg.teacher}")
             die(f"this run's CLIP teacher is {saved['path']} (sha256 {saved['sha256'][:12]}...) but {have}: "
                 "restore that file and pass it as --teacher_ckpt, or start a new --out_dir")
         tower = {k: v for k, v in self.state_dict().items() if k.startswith("teacher.")} if saved else {}
@@ -738,8 +739,8 @@ def train(cfg: Config):
     log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x sqrt({cfg.batch_size * world}/256))"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
     if cfg.data == "imagenet" and cfg.teacher != "clip":
-        log.print(f"note: the paper's ImageNet recipe distils a CLIP ViT-B/16 teacher (--teacher clip --teacher_ckpt "
-                  f"ViT-B-16.pt); this run uses the {dict(ema='EMA', random='frozen random')[cfg.teacher]} teacher")
+        log.print("note: the paper's ImageNet recipe distils a CLIP ViT-B/16 teacher (--teacher clip --teacher_ckpt"
+                  f" ViT-B-16.pt); this run uses the {dict(ema='EMA', random='frozen random')[cfg.teacher]} teacher")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)

@@ -489,7 +489,8 @@ def _pieces(m):
     lab = torch.where(m, own, h * w)
     while True:
         p = F.pad(lab, (1, 1, 1, 1), value=h * w)
-        near = torch.stack([p[:, 1:-1, 1:-1], p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amin(0)
+        near = torch.stack([p[:, 1:-1, 1:-1], p[:, :-2, 1:-1], p[:, 2:, 1:-1],
+                            p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amin(0)              # self and 4 neighbours
         new = torch.where(m, near, h * w)
         if torch.equal(new, lab):
             return (m & (lab == own)).sum((1, 2))
