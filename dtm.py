@@ -465,6 +465,9 @@ class Model(nn.Module):
                     f"this command has --teacher {self.cfg.teacher}")
             die(f"this run's CLIP teacher is {saved['path']} (sha256 {saved['sha256'][:12]}...) but {have}: "
                 "restore that file and pass it as --teacher_ckpt, or start a new --out_dir")
+        if now and not saved:
+            die(f"this run was trained with --teacher {ckpt['config']['teacher']}, not clip; "
+                "resume with that teacher or start a new --out_dir")
         tower = {k: v for k, v in self.state_dict().items() if k.startswith("teacher.")} if saved else {}
         self.load_state_dict({**ckpt["model"], **tower})
 

@@ -1239,6 +1239,9 @@ def test_dtm_clip_checkpoint_names_the_tower_file_and_imagenet_says_which_teache
     out = run_inprocess("dtm", args + ["--max_steps", "1"], tmp_path / "ema", capsys)
     note = [line for line in out.splitlines() if line.startswith("note:")]
     assert len(note) == 1 and "CLIP" in note[0] and "EMA teacher" in note[0], out
+    torch.save(_dtm_openai_state_dict(), clip)
+    with pytest.raises(SystemExit, match="trained with --teacher ema"):     # a CLIP resume of an EMA run
+        run_inprocess("dtm", c_args + ["--max_steps", "2"], tmp_path / "ema", capsys)
 
 
 # ----------------------------------------------------------------------------
