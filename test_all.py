@@ -1183,12 +1183,13 @@ def test_dtm_teacher_bad_input(tmp_path):
 
 
 def test_dtm_impossible_morph_settings_are_one_line_errors(tmp_path):
-    for flag in ("morph_k_max", "morph_levels"):                                # through the CLI, as a user
-        r = run_script("dtm.py", TINY + [f"--{flag}", "0", "--max_steps", "1"], tmp_path / flag, check=False)
-        assert r.returncode != 0 and "Traceback" not in r.stdout + r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and f"--{flag} 0" in r.stderr, r.stderr
-    with pytest.raises(SystemExit, match="--morph_n_max -1"):
-        dtm.Model(_dtm_tiny_cfg("--morph_n_max", "-1"))
+    r = run_script("dtm.py", TINY + ["--morph_k_max", "0", "--max_steps", "1"], tmp_path, check=False)  # as a user
+    assert r.returncode != 0 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--morph_k_max 0" in r.stderr, r.stderr
+    for flag, bad in (("morph_levels", "0"), ("morph_n_max", "-1")):           # the same check, in-process
+        with pytest.raises(SystemExit, match=f"--{flag} {bad} is impossible: use >= ") as e:
+            dtm.Model(_dtm_tiny_cfg(f"--{flag}", bad))
+        assert "\n" not in str(e.value)
 
 
 def test_dtm_drop_path_in_the_student_only_and_zero_in_the_presets():
