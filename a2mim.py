@@ -72,7 +72,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
-    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = per epoch only), so kill -9 loses little
+    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
     # <<< shared: config
     mask_patch: int = 32           # cell side in pixels (32 at 224 px; 4 at 32 px); defaults: ResNet recipe
     mask_ratio: float = 0.6        # ceil(ratio * cells) cells hidden per image
@@ -102,7 +102,7 @@ def preset(data: str, given: dict) -> dict:
             "stl10": {**small, "img_size": 96, "patch_size": 8, "mask_patch": 16},
             "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8, "mask_patch": 8},
             "synthetic": {**small, "model": "vit_micro" if vit else "resnet_micro", "epochs": 5, "batch_size": 64,
-                          "blr": 1e-3, "warmup_epochs": 0.5, "vis_every": 50}}[data]  # bare command: ~1 min on 2 cores
+                          "blr": 1e-3, "warmup_epochs": 0.5, "vis_every": 50}}[data]  # bare command: ~1 min
 
 def check_config(cfg: Config):
     """Every flag in its range and the combinations this file needs, at parse time: one line, nothing written."""
@@ -112,7 +112,7 @@ def check_config(cfg: Config):
         "mask_layer": c.at_least(0), "fill": c.one_of("mean", "zero"), "mask_gamma": c.at_least(0),
         "spatial_loss": c.one_of("focal_l1", "l1"), "freq_weight": c.at_least(0), "unmask_weight": c.at_least(0),
         "step_epoch": c.at_least(0)})
-    with torch.device("meta"):  # the model's own shape checks (mask cells vs strides, stage / block index), no memory
+    with torch.device("meta"):  # the model's own shape checks (cells vs strides, stage / block), no memory
         Model(cfg)
 
 # >>> shared: parse_config
@@ -146,7 +146,8 @@ def parse_config(argv=None) -> Config:
             die(f"--data folder needs --data_dir with a train/ folder of class subfolders; {folder} has none")
         size = common.describe_folder(folder)  # its native size, mean and std
         size = given.get("img_size") or size
-        recipe = "cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else "stl10" if size <= 160 else "folder"
+        recipe = ("cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else
+                  "stl10" if size <= 160 else "folder")
         if not os.path.isdir(os.path.join(folder, "val")) and int(os.environ.get("RANK", 0)) == 0:
             print(f"note: {folder} has no val/ folder: pre-training works, but eval_linear.py "
                   "(and any online kNN) needs val/<class>/<images>")
@@ -441,7 +442,8 @@ class Model(nn.Module):
         for t in (pred, images[:8]):  # log(1 + |F|), DC centred, scaled to [0, 1] per image
             a = torch.fft.fftshift(torch.fft.fft2(t.float()).abs().log1p().mean(1, keepdim=True), dim=(2, 3))
             rows.append((a / a.amax((2, 3), True)).expand(-1, 3, -1, -1))
-        common.save_picture(path, rows, ["image", "masked input", "prediction", "spectrum (pred)", "spectrum (image)"])
+        common.save_picture(path, rows, ["image", "masked input", "prediction", "spectrum (pred)",
+                                         "spectrum (image)"])
         self.train()
 
 

@@ -80,7 +80,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
-    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = per epoch only), so kill -9 loses little
+    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
     # <<< shared: config
     # method: AttMask (paper values from the official launch commands)
     mask_mode: str = "attmask_hint"  # attmask_hint | attmask_high | attmask_low | random | block (iBOT)
@@ -125,7 +125,8 @@ def check_config(cfg: Config):
     c.check_fields(cfg, {
         "model": c.one_of(*VIT_SIZES), "mask_mode": c.one_of(*MASK_MODES), "pred_ratio": c.fraction(),
         "pred_ratio_var": c.at_least(0), "masking_prob": c.between(0, 1), "show_max": c.between(0, 1),
-        "local_crops": c.at_least(0), "local_size": c.above(0), "out_dim": c.at_least(1), "head_hidden": c.at_least(1),
+        "local_crops": c.at_least(0), "local_size": c.above(0), "out_dim": c.at_least(1),
+        "head_hidden": c.at_least(1),
         "freeze_last_layer": c.at_least(0), "drop_path": c.between(0, 1, open_hi=True), "teacher_temp": c.above(0),
         "warmup_teacher_temp_epochs": c.at_least(0), "center_momentum": c.between(0, 1),
         "momentum_teacher": c.between(0, 1), "weight_decay_end": c.at_least(0), "clip_grad": c.at_least(0),
@@ -133,8 +134,9 @@ def check_config(cfg: Config):
     for name, size in (("img_size", cfg.img_size), ("local_size", cfg.local_size if cfg.local_crops else 0)):
         if size % cfg.patch_size:
             die(f"--{name} {size} is not a multiple of --patch_size {cfg.patch_size}; pick sizes that divide")
-    if not 0 <= cfg.pred_ratio - cfg.pred_ratio_var < cfg.pred_ratio + cfg.pred_ratio_var < 1 and cfg.pred_ratio_var:
-        die(f"--pred_ratio {cfg.pred_ratio} +- --pred_ratio_var {cfg.pred_ratio_var} leaves [0, 1); lower the variation")
+    if cfg.pred_ratio - cfg.pred_ratio_var < 0 or cfg.pred_ratio + cfg.pred_ratio_var >= 1:
+        die(f"--pred_ratio {cfg.pred_ratio} +- --pred_ratio_var {cfg.pred_ratio_var} leaves [0, 1); "
+            "lower --pred_ratio_var")
     if cfg.subset and cfg.data not in ("imagenet", "folder"):
         die(f"--subset works on --data imagenet or folder, not {cfg.data}; drop --subset")
 
@@ -169,7 +171,8 @@ def parse_config(argv=None) -> Config:
             die(f"--data folder needs --data_dir with a train/ folder of class subfolders; {folder} has none")
         size = common.describe_folder(folder)  # its native size, mean and std
         size = given.get("img_size") or size
-        recipe = "cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else "stl10" if size <= 160 else "folder"
+        recipe = ("cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else
+                  "stl10" if size <= 160 else "folder")
         if not os.path.isdir(os.path.join(folder, "val")) and int(os.environ.get("RANK", 0)) == 0:
             print(f"note: {folder} has no val/ folder: pre-training works, but eval_linear.py "
                   "(and any online kNN) needs val/<class>/<images>")

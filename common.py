@@ -60,7 +60,8 @@ def above(lo):
 
 
 def between(lo, hi, open_hi=False):
-    return (lambda v: lo <= v < hi) if open_hi else (lambda v: lo <= v <= hi), f"in [{lo}, {hi}{')' if open_hi else ']'}"
+    ok = (lambda v: lo <= v < hi) if open_hi else (lambda v: lo <= v <= hi)
+    return ok, f"in [{lo}, {hi}{')' if open_hi else ']'}"
 
 
 def fraction():

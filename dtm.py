@@ -86,7 +86,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
-    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = per epoch only), so kill -9 loses little
+    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
     # <<< shared: config
     teacher: str = "ema"           # clip (paper: OpenAI CLIP ViT-B/16) | ema (momentum copy) | random (tests)
     teacher_ckpt: str = ""         # --teacher clip: local OpenAI file (ViT-B-16.pt archive or a state dict)
@@ -165,7 +165,8 @@ def parse_config(argv=None) -> Config:
             die(f"--data folder needs --data_dir with a train/ folder of class subfolders; {folder} has none")
         size = common.describe_folder(folder)  # its native size, mean and std
         size = given.get("img_size") or size
-        recipe = "cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else "stl10" if size <= 160 else "folder"
+        recipe = ("cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else
+                  "stl10" if size <= 160 else "folder")
         if not os.path.isdir(os.path.join(folder, "val")) and int(os.environ.get("RANK", 0)) == 0:
             print(f"note: {folder} has no val/ folder: pre-training works, but eval_linear.py "
                   "(and any online kNN) needs val/<class>/<images>")

@@ -76,7 +76,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
-    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = per epoch only), so kill -9 loses little
+    save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
     # <<< shared: config
     num_masks: int = 5             # K disjoint masks per image, one batch of K*B in the encoder (paper 5; 8 at 90%)
     mask_ratio: float = 0.8        # hidden fraction per mask; visible = floor(N * (1 - ratio)) (paper 0.8; 0.9)
@@ -148,7 +148,8 @@ def parse_config(argv=None) -> Config:
             die(f"--data folder needs --data_dir with a train/ folder of class subfolders; {folder} has none")
         size = common.describe_folder(folder)  # its native size, mean and std
         size = given.get("img_size") or size
-        recipe = "cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else "stl10" if size <= 160 else "folder"
+        recipe = ("cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else
+                  "stl10" if size <= 160 else "folder")
         if not os.path.isdir(os.path.join(folder, "val")) and int(os.environ.get("RANK", 0)) == 0:
             print(f"note: {folder} has no val/ folder: pre-training works, but eval_linear.py "
                   "(and any online kNN) needs val/<class>/<images>")
