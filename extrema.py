@@ -447,7 +447,8 @@ class Model(nn.Module):
         vis = torch.zeros(K * B, g * g, dtype=torch.bool, device=x.device).scatter_(1, keep, True)  # (K*B, N)
         vis = vis.view(K * B, 1, g, g).repeat_interleave(p, 2).repeat_interleave(p, 3)  # (K*B, 1, H, W)
         panels = torch.where(vis, x.repeat(K, 1, 1, 1), 0.85)              # hidden patches light grey
-        common.save_picture(path, [x, *panels.view(K, *x.shape)], ["view"] + [f"mask {k + 1} visible" for k in range(K)])
+        labels = ["view"] + [f"mask {k + 1} visible" for k in range(K)]
+        common.save_picture(path, [x, *panels.view(K, *x.shape)], labels)   # rows: view, then a mask each
 
 
 # ----------------------------------------------------------------------------
