@@ -182,11 +182,16 @@ def tiny_imagenet_val(root):
 
 
 def describe_folder(data_dir, n=64):
-    """An ImageFolder's own native size (median side of its first n train images) and mean/std (over them),
-    installed as the `folder` entry of DATASETS so presets, normalisation and the probe use them."""
+    """An ImageFolder's own native size (median shorter side of n train images spread over its classes) and
+    mean/std (over them), installed as the `folder` entry of DATASETS so presets, normalisation and the
+    probe use them. Lists only the class folders it samples: cheap on an ImageNet-sized tree."""
     root = os.path.join(data_dir, "train")
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs)
-    pick = files[:: max(1, len(files) // n)][:n]
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes = classes[:: max(1, len(classes) // n)][:n]
+    per, pick = max(1, n // max(1, len(classes))), []
+    for c in classes:
+        files = sorted(f for f in os.listdir(os.path.join(root, c)) if os.path.isfile(os.path.join(root, c, f)))
+        pick += [os.path.join(root, c, f) for f in files[:: max(1, len(files) // per)][:per]]
     sides, pix = [], []
     for f in pick:
         try:
