@@ -668,7 +668,9 @@ def test_readme_quick_start_is_three_commands_that_fit_together():
     assert (py, py2, ev, flag) == ("python", "python", "eval_linear.py", "--ckpt")
     cfg = importlib.import_module(script[:-3]).parse_config([])
     assert ckpt == os.path.join(cfg.out_dir, "checkpoint.pt")
+    readme = open(os.path.join(HERE, "README.md")).read()
     for m in PRESENT:
+        assert f"](docs/{m}.png)" in readme and os.path.isfile(os.path.join(HERE, "docs", f"{m}.png"))
         cfg = importlib.import_module(m).parse_config([])
         steps = cfg.epochs * (2000 // cfg.batch_size)  # the synthetic set has 2000 images
         assert cfg.data == "synthetic" and steps <= 160 and 0 < cfg.vis_every <= steps, (m, steps)
