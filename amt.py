@@ -184,8 +184,9 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
             return out
-        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32
-        attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
+        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32 (autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
         return out, attn.softmax(-1)[:, :, 0]                         # (B, h, T)
 
 
@@ -254,14 +255,16 @@ class ViT(nn.Module):
     def forward(self, images, mask=None, mask_token=None, keep=None, return_attn=False):
         x = self.patch_embed(images)                                   # (B, D, gh, gw)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                               # (B, N, D)
+        # the residual stream (and every LayerNorm input) stays fp32 under bf16 autocast, as in the official
+        # models, where the fp32 position table promotes it; only the matmuls inside the blocks run in bf16
+        x = x.flatten(2).transpose(1, 2).float()                       # (B, N, D)
         if mask is not None:  # substitute the mask token before positions are added
-            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
-        x = x + self.pos_embed(gh, gw).to(x.dtype)
+            x = torch.where(mask[..., None], mask_token.float(), x)
+        x = x + self.pos_embed(gh, gw)
         if keep is not None:  # token dropping: only these tokens enter the blocks
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+K, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).float(), x], dim=1)  # (B, 1+K, D)
         for blk in self.blocks[:-1]:
             x = blk(x)
         x = self.blocks[-1](x, return_attn)
@@ -356,11 +359,11 @@ class Model(nn.Module):
     def decode(self, latent, vis, keep):
         """Official forward_decoder: all N slots start as the mask token, visible ones get their encoder
         outputs, positions are added, THEN thrown slots are deleted: 1 + N - n_throw tokens, [CLS] first."""
-        x = self.decoder_embed(latent)                                 # (B, 1 + K, Dd)
+        x = self.decoder_embed(latent).float()  # (B, 1 + K, Dd) fp32 residual stream, as the encoder's
         B, N, Dd = x.shape[0], self.dec_pos.shape[1], x.shape[2]
-        full = self.mask_token.to(x.dtype).expand(B, N, Dd).scatter(1, vis[..., None].expand(-1, -1, Dd), x[:, 1:])
+        full = self.mask_token.expand(B, N, Dd).scatter(1, vis[..., None].expand(-1, -1, Dd), x[:, 1:])
         full = (full + self.dec_pos).gather(1, keep[..., None].expand(-1, -1, Dd))  # (B, N - T, Dd)
-        x = torch.cat([x[:, :1], full.to(x.dtype)], 1)                 # (B, 1 + N - T, Dd)
+        x = torch.cat([x[:, :1], full], 1)                             # (B, 1 + N - T, Dd)
         for blk in self.decoder:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]         # (B, N - T, P)

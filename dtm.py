@@ -17,7 +17,8 @@ default, needs no weights; not in the paper, which reports an unspecified BYOL v
 
 Deviations from the official code:
 - shared ViT: sin-cos positions, not BEiT v2's relative position bias; qkv k-bias; xavier init (head:
-  torch's default); mask token not weight-decayed; bf16 autocast, not fp16 AMP (matching in fp32/TF32);
+  torch's default); bf16 autocast, not fp16 AMP (matching in fp32/TF32); the CLIP tower keeps its
+  residual stream fp32 (OpenAI's casts it to the autocast dtype: fp16 there, bf16 would be 8x coarser);
 - block masks for the whole batch on the device in 30 placement attempts (BEiT's stop after 10 failures
   in a row kept; >99% of images stop by then), topped up to the exact count as in BEiT v2;
 - one n_max, k_max for both levels (code defaults n1 = n2, k1 = k2); no gradient accumulation (the
@@ -188,8 +189,9 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
             return out
-        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32
-        attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
+        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32 (autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
         return out, attn.softmax(-1)[:, :, 0]                         # (B, h, T)
 
 
@@ -258,14 +260,16 @@ class ViT(nn.Module):
     def forward(self, images, mask=None, mask_token=None, keep=None, return_attn=False):
         x = self.patch_embed(images)                                   # (B, D, gh, gw)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                               # (B, N, D)
+        # the residual stream (and every LayerNorm input) stays fp32 under bf16 autocast, as in the official
+        # models, where the fp32 position table promotes it; only the matmuls inside the blocks run in bf16
+        x = x.flatten(2).transpose(1, 2).float()                       # (B, N, D)
         if mask is not None:  # substitute the mask token before positions are added
-            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
-        x = x + self.pos_embed(gh, gw).to(x.dtype)
+            x = torch.where(mask[..., None], mask_token.float(), x)
+        x = x + self.pos_embed(gh, gw)
         if keep is not None:  # token dropping: only these tokens enter the blocks
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+K, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).float(), x], dim=1)  # (B, 1+K, D)
         for blk in self.blocks[:-1]:
             x = blk(x)
         x = self.blocks[-1](x, return_attn)
@@ -337,9 +341,9 @@ class CLIPVisual(nn.Module):
         self.load_state_dict(sd)                                           # copied into the fp32 weights
 
     def forward(self, images):
-        x = self.conv1(images).flatten(2).transpose(1, 2)                   # (B, N, W)
-        x = torch.cat([self.class_embedding.expand(len(x), 1, -1).to(x.dtype), x], 1)  # (B, 1+N, W)
-        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        x = self.conv1(images).flatten(2).transpose(1, 2).float()           # (B, N, W) fp32 stream (see header)
+        x = torch.cat([self.class_embedding.expand(len(x), 1, -1), x], 1)   # (B, 1+N, W)
+        x = self.ln_pre(x + self.positional_embedding)
         for blk in self.blocks:
             x = blk(x)
         return self.ln_post(x[:, 1:]) @ self.proj.to(x.dtype)              # (B, N, C)

@@ -375,6 +375,48 @@ def test_bad_input_never_loses_a_checkpoint(method, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------
+# Precision, weight-decay groups and gradient accumulation (all five)
+
+def _stream_dtypes(blocks, run):
+    """Run `run()` under CPU bf16 autocast; return the dtypes of every block's tensor inputs and outputs, and
+    of the first block's last Linear output (which must be bf16: the matmuls still run in half precision)."""
+    seen, lin = set(), []
+    def hook(mod, args, out):
+        seen.update(t.dtype for t in [*args, *(out if isinstance(out, tuple) else [out])] if torch.is_tensor(t))
+    hooks = [b.register_forward_hook(hook) for b in blocks]
+    first = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)][-1]
+    hooks.append(first.register_forward_hook(lambda m, a, o: lin.append(o.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run()
+    for h in hooks:
+        h.remove()
+    return seen, lin[0]
+
+
+def test_residual_stream_is_fp32_under_bf16_autocast():
+    """The official models add an fp32 position table, so their residual stream (and LayerNorm inputs) is fp32
+    under autocast: so is ours, in every method's blocks (shared ViT, AMT decoder, ExtreMA class attention,
+    A2MIM's token injection, DTM's CLIP tower), while the Linear layers still compute in bf16."""
+    torch.manual_seed(0)
+    x, B = torch.randn(2, 3, 32, 32), 2
+    m = amt.Model(amt.parse_config(TINY))
+    cases = {"amt": ([*m.encoder.blocks, *m.decoder], lambda: m(x, torch.ones(B, 64), 28, 26))}
+    a = am.Model(_attmask_tiny_cfg("--local_crops", "2", "--local_size", "16"))
+    cases["attmask"] = ([*a.student.blocks, *a.teacher.blocks], lambda: a([x, x, x[:, :, :16, :16]] * 1, 0, 0))
+    d = dtm.Model(_dtm_tiny_cfg())
+    cases["dtm"] = (list(d.encoder.blocks), lambda: d(x, d.targets(x)))
+    clip = dtm.CLIPVisual({k[7:]: v for k, v in _dtm_openai_state_dict(width=64).items() if k.startswith("visual.")})
+    cases["dtm clip"] = (list(clip.blocks), lambda: clip(torch.randn(B, 3, 56, 56)))
+    v = a2mim.Model(_a2mim_cfg_of("--model", "vit_pico", "--mask_layer", "1"))
+    cases["a2mim"] = (list(v.encoder.blocks), lambda: v(x))
+    e = ex.Model(_extrema_tiny_cfg(num_masks=2))
+    cases["extrema"] = ([*e.encoder.blocks, *e.encoder.blocks_token], lambda: e(x, torch.randn(B, 256)))
+    for name, (blocks, run) in cases.items():
+        dtypes, linear = _stream_dtypes(blocks, run)
+        assert dtypes == {torch.float32} and linear == torch.bfloat16, (name, dtypes, linear)
+
+
+# ----------------------------------------------------------------------------
 # Method: AttMask (attmask.py)
 
 def _attmask_tiny_cfg(*args):
