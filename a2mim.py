@@ -489,12 +489,13 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on biases, norms, gains and tokens (ndim < 2 or a *token parameter)."""
+def param_groups(model, weight_decay, skip=()):
+    """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
+    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+            (no_decay if p.ndim < 2 or name.rsplit(".", 1)[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -588,7 +589,7 @@ def train(cfg: Config):
     if model.resnet and device.type == "cuda":  # SyncBN (PyTorch has none on CPU), NHWC convolutions
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device, memory_format=torch.channels_last)
     lr = cfg.blr * cfg.batch_size * world / 256
-    groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay)  # no decay on 1-d, tokens
+    groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay, skip=("cls_token",))
     groups.append({"params": [p for p in (model.mask_token, model.mask_gamma) if p is not None],  # Sec. 5.1
                    "weight_decay": 0.0, "lr_scale": 0.1 if model.resnet else 1.0})
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")

@@ -504,12 +504,13 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on biases, norms, gains and tokens (ndim < 2 or a *token parameter)."""
+def param_groups(model, weight_decay, skip=()):
+    """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
+    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+            (no_decay if p.ndim < 2 or name.rsplit(".", 1)[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -603,9 +604,7 @@ def train(cfg: Config):
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
     lr = cfg.blr * cfg.batch_size * world / 256
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2]},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, fused=device.type == "cuda")
     teacher_params = [*model.teacher.parameters(), *model.teacher_head.parameters()]  # EMA pairs, by name order
     student_params = [*model.student.parameters(), *model.head.parameters()]
 

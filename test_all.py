@@ -416,6 +416,43 @@ def test_residual_stream_is_fp32_under_bf16_autocast():
         assert dtypes == {torch.float32} and linear == torch.bfloat16, (name, dtypes, linear)
 
 
+# no weight decay beyond the 1-d tensors (biases, norms, gains), as each official code's optimizer groups
+WD_EXEMPT = {"amt": set(),                             # timm add_weight_decay without a skip list
+             "attmask": set(),                         # DINO/iBOT get_params_groups: ndim >= 2 decayed
+             "dtm": {"encoder.cls_token"},             # BEiT v2: pos_embed, cls_token (mask token decayed)
+             "a2mim": {"encoder.cls_token", "mask_token"},  # ViT config: + pos_embed, mask_token (0.1x lr group)
+             "extrema": {"encoder.cls_token"}}         # no_weight_decay() = {pos_embed, cls_token}
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_weight_decay_groups_follow_each_official_code(method, tmp_path, monkeypatch):
+    """What train() hands to AdamW: the decayed / exempt split by parameter name, against the spec."""
+    mod, built, groups = importlib.import_module(method), [], []
+
+    class Recorded(mod.Model):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
+
+    def adamw(params, weight_decay=0.01, **kw):
+        groups.extend({**g, "weight_decay": g.get("weight_decay", weight_decay)} for g in params)
+        raise KeyboardInterrupt  # stop train() right there
+
+    monkeypatch.setattr(mod, "Model", Recorded)
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    args = method_args(method) + (["--model", "vit_pico"] if method == "a2mim" else [])
+    with pytest.raises(KeyboardInterrupt):
+        mod.train(mod.parse_config(args + ["--out_dir", str(tmp_path)]))
+    names = {id(p): n for n, p in built[0].named_parameters() if p.requires_grad}
+    exempt = [names.pop(id(p)) for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    decayed = [names.pop(id(p)) for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert not names, names                            # every trainable tensor in exactly one group
+    model = dict(built[0].named_parameters())
+    assert set(exempt) == {n for n in exempt + decayed if model[n].ndim < 2} | WD_EXEMPT[method]
+    tokens = {n for n in exempt + decayed if n.endswith("token")}
+    assert tokens and tokens - WD_EXEMPT[method] <= set(decayed), tokens
+
+
 # ----------------------------------------------------------------------------
 # Method: AttMask (attmask.py)
 
