@@ -13,7 +13,9 @@ Deviations from the official code:
   - ViT: the shared ViT (fixed sin-cos positions, xavier init), not SimMIM's learnable positions + relative
     position bias (layer scale 0.1, drop path 0.1 kept). "vit_small" is DeiT-S, NOT openmixup's 768-d/8-block
     "ViT-S". --mask_layer counts blocks before the token: official l >= 1 is our l - 1 (official 0 and 1 are
-    the same function, as token and positions are both added). ViT-B: 256/GPU, no accumulation (128 x 2).
+    the same function, as token and positions are both added). ViT-B: 8 GPUs x 128 x --accum_iter 2, as the
+    config; BatchNorm (ResNet) and the batch-mean spectrum see one micro-batch there and here, so
+    accumulation is not exactly a bigger batch.
   - Masks are drawn per batch on the device with torch's RNG, not NumPy in loader workers (same distribution,
     no identical mask streams in forked workers: spec pitfall 14). The PIL-branch fill bug is not ported.
   - bf16 autocast on CUDA (R50 configs: fp32), losses in fp32. SyncBN on CUDA only (PyTorch has no CPU one).
@@ -57,7 +59,8 @@ class Config:
     patch_size: int = 0            # ViT patch size in pixels; preset picks
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 0            # images per GPU per step; preset picks
+    batch_size: int = 0            # images per GPU per micro-batch; preset picks
+    accum_iter: int = 1            # micro-batches per optimizer step (MAE): batch x GPUs x this images a step
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
@@ -86,9 +89,9 @@ def preset(data: str, given: dict) -> dict:
     fam = dict(spatial_loss="l1", freq_weight=0.1, unmask_weight=0.0, mask_layer=0, mask_gamma=0.0) if vit else {}
     small = dict(fam, model="vit_tiny" if vit else "resnet18", img_size=32, patch_size=4, mask_patch=4, epochs=200,
                  batch_size=512, blr=2.5e-4 if vit else 6e-4, weight_decay=0.05, warmup_epochs=10)
-    big = (dict(model="vit_base", epochs=800, blr=5e-5, step_epoch=700.0) if vit else
-           dict(model="resnet50", epochs=300, blr=1.5e-4))
-    imnet = dict(small, img_size=224, patch_size=16, mask_patch=32, batch_size=256, **big)
+    big = (dict(model="vit_base", epochs=800, blr=5e-5, step_epoch=700.0, batch_size=128, accum_iter=2)
+           if vit else dict(model="resnet50", epochs=300, blr=1.5e-4, batch_size=256))  # 2048 a step on 8 GPUs
+    imnet = dict(small, img_size=224, patch_size=16, mask_patch=32, **big)
     return {"imagenet": imnet, "folder": {**imnet, "model": "vit_small" if vit else "resnet50"},
             "cifar10": small, "cifar100": small, "fashion-mnist": small,
             "stl10": {**small, "img_size": 96, "patch_size": 8, "mask_patch": 16},
@@ -578,9 +581,11 @@ def train(cfg: Config):
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
     transform = common.mim_transform(cfg.data, cfg.img_size, scale=(0.67 if cfg.model in VIT_SIZES else 0.8, 1.0))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
+    steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
+    if steps_per_epoch == 0 or cfg.accum_iter < 1:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs x --accum_iter {cfg.accum_iter} must be >= 1 and "
+            f"at most the dataset ({len(dataset)} images)")
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
@@ -588,7 +593,7 @@ def train(cfg: Config):
     model = Model(cfg).to(device)
     if model.resnet and device.type == "cuda":  # SyncBN (PyTorch has none on CPU), NHWC convolutions
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device, memory_format=torch.channels_last)
-    lr = cfg.blr * cfg.batch_size * world / 256
+    lr = cfg.blr * eff_batch / 256
     groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay, skip=("cls_token",))
     groups.append({"params": [p for p in (model.mask_token, model.mask_gamma) if p is not None],  # Sec. 5.1
                    "weight_decay": 0.0, "lr_scale": 0.1 if model.resnet else 1.0})
@@ -619,7 +624,9 @@ def train(cfg: Config):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
-    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
+    log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
+              f"(the paper's ImageNet runs: 2048 = 8 GPUs x 256, ViT-B 8 x 128 x accum 2)"
+              f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -638,9 +645,9 @@ def train(cfg: Config):
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
-    epoch = step // steps_per_epoch
+    epoch, micro = step // steps_per_epoch, 0  # micro: micro-batches accumulated towards the next step
     while step < stop:
-        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for images, _ in loader:
             data_wait += time.time() - t_data
@@ -650,14 +657,20 @@ def train(cfg: Config):
                       cosine_schedule(step, total, lr, lr, warm) * 0.1 ** (step >= cfg.step_epoch * steps_per_epoch))
             for g in opt.param_groups:
                 g["lr"] = lr_now * g.get("lr_scale", 1.0)
+            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
             with ctx:
                 loss, stats = fwd(images)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            micro = (micro + 1) % cfg.accum_iter
+            if micro:  # not yet the last micro-batch of this optimizer step
+                t_data = time.time()
+                continue
             if not model.resnet:  # the ViT recipes clip gradients at 5, the ResNet ones do not (Sec. 5)
                 nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            opt.zero_grad(set_to_none=True)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and step % cfg.vis_every == 0:
@@ -672,7 +685,7 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
                     log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
                               f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
@@ -683,7 +696,7 @@ def train(cfg: Config):
                     checkpoint(epoch)
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
-            if step >= stop:
+            if step >= stop or step % steps_per_epoch == 0:  # an epoch's leftover micro-batches: unused
                 break
             t_data = time.time()
         if _stop_signal:
@@ -693,7 +706,7 @@ def train(cfg: Config):
         checkpoint(epoch)
 
     wall = time.time() - t_start
-    imgs = (step - step0) * cfg.batch_size * world
+    imgs = (step - step0) * eff_batch
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
     if world > 1:

@@ -21,12 +21,14 @@ Deviations from the official code:
     torch.rand draw; random / block masks made on the device, not in the loader; one teacher-temperature
     schedule for [CLS] and patches (equal in the paper runs); probe: the teacher's last 4 [CLS];
   - fixed: the mask grid follows the input size (official: 224 // patch); the encoder returns features
-    only (official eval paths get a (features, attention) pair).
+    only (official eval paths get a (features, attention) pair);
+  - ImageNet preset 8 GPUs x 30 = the paper's 240 images per step (4 x 60); --accum_iter is not in the
+    official code and is not exactly a bigger batch: the centres move after every micro-batch.
 
 Run:
     python attmask.py --data synthetic --max_steps 50                      # CPU smoke run
     python attmask.py --data cifar10 --mask_mode random                    # iBOT baseline, same recipe
-    torchrun --nproc_per_node=4 attmask.py --data imagenet --data_dir /path/to/imagenet
+    torchrun --nproc_per_node=8 attmask.py --data imagenet --data_dir /path/to/imagenet
 """
 import dataclasses
 import json
@@ -63,7 +65,8 @@ class Config:
     patch_size: int = 0            # ViT patch size in pixels; preset picks
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 0            # images per GPU per step; preset picks
+    batch_size: int = 0            # images per GPU per micro-batch; preset picks
+    accum_iter: int = 1            # micro-batches per optimizer step (MAE): batch x GPUs x this images a step
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
@@ -95,8 +98,9 @@ class Config:
     subset: float = 0              # imagenet/folder pre-training: first N (>= 1) or fraction (< 1) of every class (20% runs: 260)
 
 def preset(data: str, given: dict) -> dict:
-    """Per-dataset recipe: ImageNet = the paper's (ViT-S/16, 4 GPUs x 60), small data = the spec's scaled one."""
-    paper = dict(model="vit_small", img_size=224, patch_size=16, epochs=100, batch_size=60, blr=5e-4,
+    """Per-dataset recipe: ImageNet = the paper's (ViT-S/16, 240 images per step: 4 GPUs x 60 there, 8 x 30
+    here), small data = the spec's scaled one."""
+    paper = dict(model="vit_small", img_size=224, patch_size=16, epochs=100, batch_size=30, blr=5e-4,
                  weight_decay=0.04, warmup_epochs=10)
     small = {**paper, "model": "vit_tiny", "img_size": 32, "patch_size": 4, "epochs": 200, "batch_size": 256,
              "local_crops": 6, "local_size": 16, "out_dim": 4096}
@@ -593,16 +597,18 @@ def train(cfg: Config):
     transform = common.MultiCrop(cfg.data, cfg.img_size, cfg.local_size, cfg.local_crops,
                                  blur=(1.0, 0.1, 0.5) if cfg.img_size > 64 else (0.5, 0.1, 0.2))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
+    steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
+    if steps_per_epoch == 0 or cfg.accum_iter < 1:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs x --accum_iter {cfg.accum_iter} must be >= 1 and "
+            f"at most the dataset ({len(dataset)} images)")
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
     # model and optimizer: AdamW, default betas, decay on >= 2-dim tensors (mask token, [CLS] too, as official)
     model = Model(cfg).to(device)
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
-    lr = cfg.blr * cfg.batch_size * world / 256
+    lr = cfg.blr * eff_batch / 256
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, fused=device.type == "cuda")
     teacher_params = [*model.teacher.parameters(), *model.teacher_head.parameters()]  # EMA pairs, by name order
@@ -633,7 +639,9 @@ def train(cfg: Config):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
-    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
+    log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
+              f"(the paper's ImageNet runs: 240 = 4 GPUs x 60, 800 at 300 epochs)"
+              f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -656,9 +664,9 @@ def train(cfg: Config):
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
-    epoch = step // steps_per_epoch
+    epoch, micro = step // steps_per_epoch, 0  # micro: micro-batches accumulated towards the next step
     while step < stop:
-        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for crops, _ in loader:
             data_wait += time.time() - t_data
@@ -667,17 +675,23 @@ def train(cfg: Config):
             for g in opt.param_groups:
                 g["lr"] = lr_now
             opt.param_groups[0]["weight_decay"] = cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
+            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
             with ctx:
                 loss, stats = fwd(crops, step, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            micro = (micro + 1) % cfg.accum_iter
+            if micro:  # not yet the last micro-batch of this optimizer step
+                t_data = time.time()
+                continue
             if cfg.clip_grad:
                 clip_per_tensor(params, cfg.clip_grad)
             if epoch < cfg.freeze_last_layer:  # the prototypes stay put while the rest settles (DINO)
                 model.head.v.grad = model.head.g.grad = None
             opt.step()
+            opt.zero_grad(set_to_none=True)
             ema_update(teacher_params, student_params, cosine_schedule(step, total, cfg.momentum_teacher, 1.0))
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and step % cfg.vis_every == 0:
@@ -692,7 +706,7 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
                     log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
                               f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
@@ -703,7 +717,7 @@ def train(cfg: Config):
                     checkpoint(epoch)
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
-            if step >= stop:
+            if step >= stop or step % steps_per_epoch == 0:  # an epoch's leftover micro-batches: unused
                 break
             t_data = time.time()
         if _stop_signal:
@@ -713,7 +727,7 @@ def train(cfg: Config):
         checkpoint(epoch)
 
     wall = time.time() - t_start
-    imgs = (step - step0) * cfg.batch_size * world
+    imgs = (step - step0) * eff_batch
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
     if world > 1:

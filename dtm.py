@@ -21,8 +21,9 @@ Deviations from the official code:
   residual stream fp32 (OpenAI's casts it to the autocast dtype: fp16 there, bf16 would be 8x coarser);
 - block masks for the whole batch on the device in 30 placement attempts (BEiT's stop after 10 failures
   in a row kept; >99% of images stop by then), topped up to the exact count as in BEiT v2;
-- one n_max, k_max for both levels (code defaults n1 = n2, k1 = k2); no gradient accumulation (the
-  official one drops gradients); a CLIP teacher gets the student's crop and normalisation (ImageNet's at
+- one n_max, k_max for both levels (code defaults n1 = n2, k1 = k2); --accum_iter as MAE's (the official
+  one drops the accumulated gradients), not exactly a bigger batch: each micro-batch draws its own block
+  masks and (n, k) schedule; a CLIP teacher gets the student's crop and normalisation (ImageNet's at
   --data imagenet, as official), resized to 224 px, tokens average-pooled to the student grid (Sec. 2.3).
 Where the paper's text differs the code is followed: even/odd split with token 0 protected (not random),
 tokens to remove sampled (not groups left), 0/1 groups divided by size (= the paper's row-normalised
@@ -71,7 +72,8 @@ class Config:
     patch_size: int = 0            # ViT patch size in pixels; preset picks
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 0            # images per GPU per step; preset picks
+    batch_size: int = 0            # images per GPU per micro-batch; preset picks
+    accum_iter: int = 1            # micro-batches per optimizer step (MAE): batch x GPUs x this images a step
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
@@ -662,16 +664,18 @@ def train(cfg: Config):
     transform = common.mim_transform(cfg.data, cfg.img_size, scale=(0.2, 1.0))
     transform.transforms.insert(0, ColorJitter(0.4, 0.4, 0.4))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
+    steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
+    if steps_per_epoch == 0 or cfg.accum_iter < 1:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs x --accum_iter {cfg.accum_iter} must be >= 1 and "
+            f"at most the dataset ({len(dataset)} images)")
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
     # model and optimizer
     model = Model(cfg).to(device)
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
-    lr = cfg.blr * math.sqrt(cfg.batch_size * world / 256)  # DTM scales lr with sqrt(batch)
+    lr = cfg.blr * math.sqrt(eff_batch / 256)  # DTM scales lr with sqrt(effective batch)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, skip=("cls_token",)), lr=lr, betas=(0.9, 0.98),
                             fused=device.type == "cuda")  # BEiT v2: pos_embed, cls_token exempt; mask token decayed
 
@@ -700,7 +704,9 @@ def train(cfg: Config):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
-    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x sqrt({cfg.batch_size * world}/256))"
+    log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
+              f"(the paper's ImageNet run: 2048, BEiT v2's recipe)"
+              f" | lr {lr:.3e} (blr {cfg.blr:.2e} x sqrt({eff_batch}/256))"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -719,9 +725,9 @@ def train(cfg: Config):
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
-    epoch = step // steps_per_epoch
+    epoch, micro = step // steps_per_epoch, 0  # micro: micro-batches accumulated towards the next step
     while step < stop:
-        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for images, _ in loader:
             data_wait += time.time() - t_data
@@ -729,16 +735,22 @@ def train(cfg: Config):
             lr_now = cosine_schedule(step, total, lr, 1e-5, warmup=int(cfg.warmup_epochs * steps_per_epoch))
             for g in opt.param_groups:
                 g["lr"] = lr_now
+            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
             with ctx:
                 target = model.targets(images)  # the teacher runs outside DDP (no trainable params)
                 loss, stats = fwd(images, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            micro = (micro + 1) % cfg.accum_iter
+            if micro:  # not yet the last micro-batch of this optimizer step
+                t_data = time.time()
+                continue
             torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)  # official clip 3.0
             opt.step()
+            opt.zero_grad(set_to_none=True)
             if cfg.teacher == "ema":  # momentum 0.996 -> 1 (cosine) after every student step
                 model.ema_update(cosine_schedule(step, total, cfg.ema_momentum, 1.0))
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and step % cfg.vis_every == 0:
@@ -753,7 +765,7 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
                     log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
                               f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
@@ -764,7 +776,7 @@ def train(cfg: Config):
                     checkpoint(epoch)
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
-            if step >= stop:
+            if step >= stop or step % steps_per_epoch == 0:  # an epoch's leftover micro-batches: unused
                 break
             t_data = time.time()
         if _stop_signal:
@@ -774,7 +786,7 @@ def train(cfg: Config):
         checkpoint(epoch)
 
     wall = time.time() - t_start
-    imgs = (step - step0) * cfg.batch_size * world
+    imgs = (step - step0) * eff_batch
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
     if world > 1:

@@ -453,6 +453,56 @@ def test_weight_decay_groups_follow_each_official_code(method, tmp_path, monkeyp
     assert tokens and tokens - WD_EXEMPT[method] <= set(decayed), tokens
 
 
+# settings under which an optimizer step over accum_iter micro-batches is exactly one bigger batch: the same images
+# and crops (seeded per sample), masks drawn row by row from the same stream (or fixed), no drop path, nothing
+# batch-level that sees a micro-batch (AttMask's centres frozen, A2MIM's batch spectrum off); each header
+# says what differs outside them
+ACCUM_EXACT = {"amt": ["--amt", "off"], "extrema": [], "dtm": ["--morph", "off"],
+               "attmask": ["--out_dim", "64", "--head_hidden", "32", "--local_crops", "2", "--drop_path", "0",
+                           "--center_momentum", "1", "--mask_mode", "attmask_high", "--masking_prob", "1"],
+               "a2mim": ["--model", "vit_pico", "--freq_weight", "0"]}
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_accum_iter_equals_a_bigger_batch(method, tmp_path, capsys, monkeypatch):
+    """3 optimizer steps of 2 micro-batches x 8 images == 3 steps of 16 images (weights, EMA teachers)."""
+    if method == "dtm":  # block masks are drawn per batch, attempt by attempt: one fixed mask for every image
+        monkeypatch.setattr(dtm, "block_mask", lambda B, gh, gw, n, *a: (torch.arange(gh * gw) < n).expand(B, -1))
+    if method == "a2mim":  # the SimMIM ViT's drop path 0.1 is not a flag
+        monkeypatch.setattr(a2mim.DropPath, "forward", lambda self, x: x)
+
+    class AdamW(torch.optim.AdamW):  # gradients that are 0 in exact arithmetic (key biases) are rounding noise,
+        def __init__(self, params, **kw):  # which Adam's 1e-8 eps turns into lr-sized steps: a wider eps here
+            super().__init__(params, **{**kw, "eps": 1e-3})
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    a = method_args(method) + ACCUM_EXACT[method] + ["--max_steps", "3"]
+    out = run_inprocess(method, a + ["--batch_size", "8", "--accum_iter", "2"], tmp_path / "accum", capsys)
+    assert "effective batch 16 = 8 x 1 GPUs x accum 2" in out and re.search(r"^summary \| .*steps 3 ", out, re.M)
+    run_inprocess(method, a + ["--batch_size", "16"], tmp_path / "big", capsys)
+    A, B = load_ckpt(tmp_path / "accum"), load_ckpt(tmp_path / "big")
+    states = [k for k, v in A.items() if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values())]
+    for k in states:
+        assert max_param_diff(A[k], B[k]) < 1e-6, k
+    run_inprocess(method, a + ["--batch_size", "8"], tmp_path / "small", capsys)   # the check can fail
+    assert max_param_diff(A["model"], load_ckpt(tmp_path / "small")["model"]) > 1e-4
+    if method in ("amt", "extrema"):  # resume between optimizer steps: the data position counts micro-batches
+        acc = ["--batch_size", "8", "--accum_iter", "2"]
+        run_inprocess(method, a[:-1] + ["1"] + acc, tmp_path / "resumed", capsys)         # 1 step, then 2 more
+        assert "resumed" in run_inprocess(method, a + acc, tmp_path / "resumed", capsys)
+        C = load_ckpt(tmp_path / "resumed")
+        assert C["step"] == 3 and all(max_param_diff(A[k], C[k]) < 1e-6 for k in states)
+
+
+def test_imagenet_presets_give_each_papers_images_per_step_on_8_gpus():
+    """batch x 8 GPUs x accum_iter = the paper's effective batch (AMT's official 4 x 128 x 8, A2MIM ViT-B 8 x 128 x 2)."""
+    want = {"amt": (4096, 4), "attmask": (240, 1), "dtm": (2048, 1), "a2mim": (2048, 1), "extrema": (2048, 1)}
+    for m in PRESENT:
+        cfg = importlib.import_module(m).parse_config(["--data", "imagenet"])
+        assert (cfg.batch_size * 8 * cfg.accum_iter, cfg.accum_iter) == want[m], m
+    vit = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])
+    assert (vit.batch_size, vit.accum_iter) == (128, 2)
+
+
 # ----------------------------------------------------------------------------
 # Method: AttMask (attmask.py)
 
