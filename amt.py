@@ -100,8 +100,8 @@ def preset(data: str, given: dict) -> dict:
     small = dict(model="vit_tiny", img_size=32, patch_size=4, epochs=400, batch_size=512, blr=1.5e-4,
                  weight_decay=0.05, dec_dim=128, dec_depth=4, dec_heads=4)
     p = {"imagenet": {**small, "model": "vit_base", "img_size": 224, "patch_size": 16, "batch_size": 128,
-                      "accum_iter": 4, "dec_dim": 512, "dec_depth": 8, "dec_heads": 16},  # 8 GPUs: the official
-         # 4096 images per step (4 GPUs x 128 x accum 8)
+                      "accum_iter": 4, "dec_dim": 512, "dec_depth": 8, "dec_heads": 16},  # 8 x 128 x 4 = the
+         # official 4096 images per step (4 GPUs x 128 x accum 8)
          "cifar10": small, "cifar100": small, "fashion-mnist": small,
          "stl10": {**small, "img_size": 96, "patch_size": 8, "batch_size": 256},
          "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8},
