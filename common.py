@@ -146,9 +146,9 @@ VAL_TAIL = {"fashion-mnist": 10000, "cifar10": 10000, "cifar100": 10000}
 
 def val_split(name, n):
     """(rest, val) index lists of a labelled train split of n images. Fashion-MNIST / CIFAR: val = the
-    last 10k (as large as their test sets); synthetic: the last quarter (its test split's ratio);
-    class-sorted sets: every 10th image, so that every class keeps its share."""
-    k = n // 4 if name == "synthetic" else VAL_TAIL.get(name)
+    last 10k (as large as their test sets; at most a fifth of a smaller copy); synthetic: the last
+    quarter (its test split's ratio); class-sorted sets: every 10th image, so every class keeps its share."""
+    k = n // 4 if name == "synthetic" else min(VAL_TAIL[name], n // 5) if name in VAL_TAIL else None
     if k is None:
         return [i for i in range(n) if i % 10 != 9], list(range(9, n, 10))
     if not 0 < k < n:
@@ -504,7 +504,7 @@ def online_knn(cfg, step, steps_per_epoch, stop, build_encoder, device, log):
     tf = eval_transform(cfg.data, cfg.img_size)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         encoder = build_encoder()                      # a copy: the live modules keep their train mode
-        kw = dict(batch_size=256, device=device, num_workers=cfg.num_workers, desc="knn")
+        kw = dict(batch_size=256, device=str(device), num_workers=cfg.num_workers, desc="knn")
         bank_f, bank_y = extract(encoder, bank, tf, **kw)
         val_f, val_y = extract(encoder, queries, tf, **kw)
         del encoder
