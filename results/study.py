@@ -59,13 +59,16 @@ def parse_args(argv):
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="subset of the methods")
     ap.add_argument("--parallel", type=int, default=1,
                     help="runs at once (processes sharing the visible GPUs); 0: one after another in this process")
-    ap.add_argument("--knn_every", type=int, default=0, help="online kNN every this many epochs (0 = epochs / 10)")
+    ap.add_argument("--knn_every", type=int, default=0,
+                    help="online kNN every this many epochs (0: epochs / 5, five points a curve, ~10%% of a short run)")
     ap.add_argument("--split", default="test", choices=("test", "val"), help="probe split (val: for choices)")
     ap.add_argument("--probe_epochs", type=int, default=100, help="linear-head epochs of eval_linear.py")
     ap.add_argument("--out_dir", default=HERE, help="where <data>.md, <data>.png and runs-<data>/ go")
     args, rest = ap.parse_known_args(argv)
     if rest and not rest[0].startswith("--"):
         die(f"unexpected argument {rest[0]!r}; training flags go as --flag value")
+    if any(a.split("=")[0] in ("--seed", "--knn_every") for a in rest):
+        die("the study sets --seed and --knn_every of every run itself: use --seeds 0 1 ... and its --knn_every")
     if args.parallel < 0 or args.epochs < 1 or args.max_steps < 0 or args.knn_every < 0:
         die("--epochs must be >= 1, --parallel, --max_steps and --knn_every >= 0")
     return args, rest
@@ -84,7 +87,7 @@ def shared_flags(rest, name):
 def plan(args, rest):
     """One dict per run: its name, method, variant, seed, folder and the method file's command line."""
     runs_dir = os.path.join(os.path.abspath(args.out_dir), f"runs-{args.data}")
-    knn_every = args.knn_every or max(1, args.epochs // 10)
+    knn_every = args.knn_every or max(1, args.epochs // 5)
     runs = []
     for m in args.methods:
         for variant, switch in (("paper", []), ("baseline", BASELINE[m])):
@@ -384,6 +387,10 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parse_args(argv)
     runs_dir, runs = plan(args, rest)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    for r in runs:  # every command line parses before anything starts (a typo is one error, not 20 failed runs)
+        importlib.import_module(r["method"]).parse_config(r["train"])
     os.makedirs(runs_dir, exist_ok=True)
     raw_dir = os.path.join(runs_dir, "raw_pixels")
     jobs = []
