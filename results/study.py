@@ -210,12 +210,12 @@ def read_run(run, data, split):
 
 
 def fmt_seeds(values):
-    """mean (min–max) over seeds; the value alone for one seed; '–' when nothing was measured."""
+    """mean (min–max) over seeds; the value alone where they agree; '–' when nothing was measured."""
     v = [x for x in values if x is not None]
     if not v:
         return "–"
     mean = sum(v) / len(v)
-    return f"{mean:.1f}" if len(v) == 1 else f"{mean:.1f} ({min(v):.1f}–{max(v):.1f})"
+    return f"{mean:.1f}" if min(v) == max(v) else f"{mean:.1f} ({min(v):.1f}–{max(v):.1f})"
 
 
 def num(x, spec=".0f"):
@@ -244,7 +244,7 @@ def write_table(path, args, argv, results, raw, wall, failed):
     L = [f"# Study on {args.data}: each method against its paper baseline", "",
          f"- command: `python {os.path.relpath(os.path.abspath(__file__), ROOT)} {shlex.join(argv)}`",
          f"- date: {date}; hardware: {hardware(results)}; study wall time {wall / 60:.1f} min "
-         f"({args.parallel} run(s) at once)",
+         f"({f'{args.parallel} at once' if args.parallel else 'one after another in one process'})",
          f"- budget per run: {budget}; seeds {' '.join(map(str, args.seeds))}; everything else is each method's "
          f"`--data {args.data}` preset",
          f"- probe: `eval_linear.py` on the {split} split (linear head sweep, {args.probe_epochs} epochs; "
@@ -403,7 +403,7 @@ def main(argv=None):
     jobs.append(dict(name="raw_pixels", dir=raw_dir, spec=dict(kind="raw", data=args.data, data_dir=args.data_dir,
                                                                dir=raw_dir,
                                                                probes=[probe_argv(args, rest, raw_dir=raw_dir)])))
-    print(f"study on {args.data}: {len(runs)} runs + raw pixels, {args.parallel} at once; logs in {runs_dir}",
+    print(f"study on {args.data}: {len(runs)} runs + raw pixels, {args.parallel or 1} at once; logs in {runs_dir}",
           flush=True)
     t0 = time.time()
     failed = run_all(jobs, args.parallel)
