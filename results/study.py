@@ -54,13 +54,13 @@ def parse_args(argv):
     ap.add_argument("--data", default="fashion-mnist", help="dataset of every run (see common.DATASETS)")
     ap.add_argument("--data_dir", default="data", help="its folder")
     ap.add_argument("--epochs", type=int, default=10, help="budget: epochs of every run (its schedules' length)")
-    ap.add_argument("--max_steps", type=int, default=0, help="budget: stop every run after this many steps (0 = off)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed per method and baseline")
+    ap.add_argument("--max_steps", type=int, default=0, help="budget: stop every run after this many steps")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed, method and variant")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="subset of the methods")
     ap.add_argument("--parallel", type=int, default=1,
-                    help="runs at once (processes sharing the visible GPUs); 0: one after another in this process")
+                    help="runs at once (processes sharing the visible GPUs); 0: one by one in this process")
     ap.add_argument("--knn_every", type=int, default=0,
-                    help="online kNN every this many epochs (0: epochs / 5, five points a curve, ~10%% of a short run)")
+                    help="online kNN every this many epochs (0: epochs / 5, five points a curve)")
     ap.add_argument("--split", default="test", choices=("test", "val"), help="probe split (val: for choices)")
     ap.add_argument("--probe_epochs", type=int, default=100, help="linear-head epochs of eval_linear.py")
     ap.add_argument("--out_dir", default=HERE, help="where <data>.md, <data>.png and runs-<data>/ go")
@@ -227,12 +227,17 @@ def hardware(results):
     dev = next((r["device"] for r in results if r["device"]), None)
     if dev and dev[0].startswith("cuda"):
         import torch
-        return f"{dev[1]} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"{dev[1]} x CUDA GPU"
+        return f"{dev[1]} x {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CUDA GPU'}"
     cpu = platform.processor() or platform.machine()
     if os.path.isfile("/proc/cpuinfo"):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   cpu)
-    return f"CPU ({cpu}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)"
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU ({cpu}, {cores} cores)"
+
+
+def row(*cells):
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def write_table(path, args, argv, results, raw, wall, failed):
@@ -241,50 +246,53 @@ def write_table(path, args, argv, results, raw, wall, failed):
     split = "test" if args.split == "test" else "val (held-out part of train)"
     budget = f"{args.epochs} epochs" + (f", at most {args.max_steps} steps" if args.max_steps else "")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    at_once = f"{args.parallel} at once" if args.parallel else "one after another in one process"
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    top1 = lambda probe, key: probe[key] if probe else None
+    last_knn = lambda r: r["curve"][-1][1] if r["curve"] else None
     L = [f"# Study on {args.data}: each method against its paper baseline", "",
          f"- command: `python {os.path.relpath(os.path.abspath(__file__), ROOT)} {shlex.join(argv)}`",
-         f"- date: {date}; hardware: {hardware(results)}; study wall time {wall / 60:.1f} min "
-         f"({f'{args.parallel} at once' if args.parallel else 'one after another in one process'})",
-         f"- budget per run: {budget}; seeds {' '.join(map(str, args.seeds))}; everything else is each method's "
-         f"`--data {args.data}` preset",
+         f"- date: {date}; hardware: {hardware(results)}; study wall time {wall / 60:.1f} min ({at_once})",
+         f"- budget per run: {budget}; seeds {' '.join(map(str, args.seeds))}; everything else is each "
+         f"method's `--data {args.data}` preset",
          f"- probe: `eval_linear.py` on the {split} split (linear head sweep, {args.probe_epochs} epochs; "
-         "weighted kNN k=20); online kNN: top-1 on the val split during training "
-         f"(bank: at most {10000} images of the train split minus val), the last value in the table",
+         "weighted kNN k=20); online kNN: top-1 on the val split during training (bank: at most 10k "
+         "images of the train split minus val), its last value in the table",
          "- wall and img/s: the runs' `summary` lines (training, checkpoints and online kNN, all sessions); "
          "kNN share: online kNN seconds / wall", ""]
     if failed:
         L += [f"**Failed runs** (see their stdout.txt): {', '.join(failed)}", ""]
-    L += ["| method | run | seeds | epochs | wall (s) | img/s | kNN share | linear top-1 | kNN top-1 "
-          "| online kNN (val) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    L += [row("method", "run", "seeds", "epochs", "wall (s)", "img/s", "kNN share", "linear top-1", "kNN top-1",
+              "online kNN (val)"), row(*["---"] * 10)]
     for m in args.methods:
         for variant in ("paper", "baseline"):
             rs = [r for r in results if r["method"] == m and r["variant"] == variant]
-            label = NAMES[m] if variant == "paper" else f"baseline `{rs[0]['switch']}`"
-            mean = lambda xs: sum(xs) / len(xs) if xs else None
-            walls = [r["wall"] for r in rs if r["wall"] is not None]
-            share = [100 * r["knn_s"] / r["wall"] for r in rs if r["wall"]]
-            L.append(f"| {NAMES[m] if variant == 'paper' else ''} | {label} | {len(rs)} | "
-                     f"{fmt_seeds([r['epochs'] for r in rs])} | {num(mean(walls))} | "
-                     f"{num(mean([r['img_s'] for r in rs if r['img_s'] is not None]))} | {num(mean(share), '.1f')}% | "
-                     f"{fmt_seeds([r['probe'] and r['probe']['linear_top1'] for r in rs])} | "
-                     f"{fmt_seeds([r['probe'] and r['probe']['knn_top1'] for r in rs])} | "
-                     f"{fmt_seeds([r['curve'][-1][1] if r['curve'] else None for r in rs])} |")
+            share = mean([100 * r["knn_s"] / r["wall"] for r in rs if r["wall"]])
+            run_wall, rate = (mean([r[k] for r in rs if r[k] is not None]) for k in ("wall", "img_s"))
+            L.append(row(NAMES[m] if variant == "paper" else "",
+                         NAMES[m] if variant == "paper" else f"baseline `{rs[0]['switch']}`", len(rs),
+                         fmt_seeds([r["epochs"] for r in rs]), num(run_wall), num(rate),
+                         "–" if share is None else f"{share:.1f}%",
+                         fmt_seeds([top1(r["probe"], "linear_top1") for r in rs]),
+                         fmt_seeds([top1(r["probe"], "knn_top1") for r in rs]),
+                         fmt_seeds([last_knn(r) for r in rs])))
         rnd = next((r["random"] for r in results if r["method"] == m and r["random"]), None)
-        L.append(f"| | random init (same architecture) | – | 0 | – | – | – | {num(rnd and rnd['linear_top1'], '.1f')} "
-                 f"| {num(rnd and rnd['knn_top1'], '.1f')} | – |")
-    L.append(f"| raw pixels | normalised pixels, flattened | – | – | – | – | – | "
-             f"{num(raw['probe'] and raw['probe']['linear_top1'], '.1f')} | {num(raw['probe'] and raw['probe']['knn_top1'], '.1f')} "
-             f"| {num(raw['online'] and raw['online']['knn'], '.1f')} |")
-    L += ["", "## Every run", "", "| run | seed | steps | epochs | wall (s) | img/s | linear top-1 | kNN top-1 "
-          "| online kNN (val) | folder |", "|---|---|---|---|---|---|---|---|---|---|"]
+        L.append(row("", "random init (same architecture)", "–", 0, "–", "–", "–",
+                     num(top1(rnd, "linear_top1"), ".1f"), num(top1(rnd, "knn_top1"), ".1f"), "–"))
+    L.append(row("raw pixels", "normalised pixels, flattened", *["–"] * 5,
+                 num(top1(raw["probe"], "linear_top1"), ".1f"), num(top1(raw["probe"], "knn_top1"), ".1f"),
+                 num(top1(raw["online"], "knn"), ".1f")))
+    L += ["", "## Every run", "", row("run", "seed", "steps", "epochs", "wall (s)", "img/s", "linear top-1",
+                                      "kNN top-1", "online kNN (val)", "folder"), row(*["---"] * 10)]
+    here = os.path.dirname(os.path.abspath(path))
     for r in results:
-        p = r["probe"] or {}
-        L.append(f"| {r['name']} | {r['seed']} | {num(r['steps'], 'd')} | {num(r['epochs'], '.2f')} | {num(r['wall'])} "
-                 f"| {num(r['img_s'])} | {num(p.get('linear_top1'), '.2f')} | {num(p.get('knn_top1'), '.2f')} "
-                 f"| {num(r['curve'][-1][1] if r['curve'] else None, '.2f')} "
-                 f"| `{os.path.relpath(r['dir'], os.path.dirname(os.path.abspath(path)))}` |")
-    L += ["", "## Commands", "", "Each run as its worker ran it, then `python eval_linear.py --ckpt <folder>/checkpoint.pt "
-          f"--split {args.split} --epochs {args.probe_epochs}` (and `--random_init` for a method's first run):", "", "```"]
+        L.append(row(r["name"], r["seed"], num(r["steps"], "d"), num(r["epochs"], ".2f"), num(r["wall"]),
+                     num(r["img_s"]), num(top1(r["probe"], "linear_top1"), ".2f"),
+                     num(top1(r["probe"], "knn_top1"), ".2f"), num(last_knn(r), ".2f"),
+                     f"`{os.path.relpath(r['dir'], here)}`"))
+    L += ["", "## Commands", "", "Each run as its worker ran it, then `python eval_linear.py --ckpt "
+          f"<folder>/checkpoint.pt --split {args.split} --epochs {args.probe_epochs}` (and `--random_init` "
+          "for a method's first run):", "", "```"]
     L += [f"python {r['method']}.py {shlex.join(r['train'])}" for r in results] + ["```", ""]
     with open(path, "w") as f:
         f.write("\n".join(L))
@@ -397,14 +405,14 @@ def main(argv=None):
     for r in runs:
         first = r is next(x for x in runs if x["method"] == r["method"])  # probes the random init too
         ckpt = os.path.join(r["dir"], "checkpoint.pt")
-        probes = [probe_argv(args, rest, ckpt)] + ([probe_argv(args, rest, ckpt, random_init=True)] if first else [])
+        probes = [probe_argv(args, rest, ckpt)] + [probe_argv(args, rest, ckpt, random_init=True)] * first
         jobs.append(dict(name=r["name"], dir=r["dir"], spec=dict(kind="run", method=r["method"], train=r["train"],
                                                                   probes=probes)))
     jobs.append(dict(name="raw_pixels", dir=raw_dir, spec=dict(kind="raw", data=args.data, data_dir=args.data_dir,
                                                                dir=raw_dir,
                                                                probes=[probe_argv(args, rest, raw_dir=raw_dir)])))
-    print(f"study on {args.data}: {len(runs)} runs + raw pixels, {args.parallel or 1} at once; logs in {runs_dir}",
-          flush=True)
+    print(f"study on {args.data}: {len(runs)} runs + raw pixels, {args.parallel or 1} at once; "
+          f"logs in {runs_dir}", flush=True)
     t0 = time.time()
     failed = run_all(jobs, args.parallel)
     results = [read_run(r, args.data, args.split) for r in runs]
