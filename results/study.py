@@ -399,6 +399,9 @@ def main(argv=None):
         sys.path.insert(0, ROOT)
     for r in runs:  # every command line parses before anything starts (a typo is one error, not 20 failed runs)
         importlib.import_module(r["method"]).parse_config(r["train"])
+    import common  # the data once, here: K workers downloading the same archive at once would clash
+    for split in (True, "probe-train", False):
+        common.build_dataset(args.data, args.data_dir, split)
     os.makedirs(runs_dir, exist_ok=True)
     raw_dir = os.path.join(runs_dir, "raw_pixels")
     jobs = []
