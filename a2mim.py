@@ -17,8 +17,12 @@ Deviations from the official code:
   - Masks are drawn per batch on the device with torch's RNG, not NumPy in loader workers (same distribution,
     no identical mask streams in forked workers: spec pitfall 14). The PIL-branch fill bug is not ported.
   - bf16 autocast on CUDA (R50 configs: fp32), losses in fp32. SyncBN on CUDA only (PyTorch has no CPU one).
-    The ResNet gate gets 0.1x lr and no decay like the token (the 100-epoch config's choice). The small-image
-    recipes (resnet18 with CIFAR stem, vit_tiny/4, 4-px cells) are the spec's proposal, not the paper's.
+    The ResNet gate: base lr and decay at ImageNet (300 epochs, as the 300-epoch config); the small recipes
+    keep the 100-epoch config's 0.1x lr, no decay (--gate_like_token). The small-image recipes (resnet18
+    with CIFAR stem, vit_tiny/4, 4-px cells) are the spec's proposal, not the paper's.
+  - The frequency loss compares batch-MEAN spectra over each GPU's batch, so it depends on the per-GPU
+    batch, not only on the effective one: the official ViT-B averages 128 images (8 x 128 x 2 accumulation);
+    256 per GPU averages 256 (more errors cancel in the mean: typically a smaller loss): not the same loss.
 Run: python a2mim.py --data synthetic --max_steps 50 | python a2mim.py --data cifar10 [--model vit_tiny]
      torchrun --nproc_per_node=8 a2mim.py --data imagenet --data_dir /path/to/imagenet [--model vit_base]
 SimMIM-like baseline: --freq_weight 0, and for a ViT also --mask_layer 0 --fill zero."""
@@ -74,6 +78,8 @@ class Config:
     mask_layer: int = 3            # ResNet: token at the input of stage k+1 (3 = layer4); ViT: after l blocks
     fill: str = "mean"             # hidden pixels: "mean" (per-image channel mean) or "zero" (baseline)
     mask_gamma: float = 1e-6       # ResNet per-channel gate on hidden features, initial value (0 = none)
+    gate_like_token: bool = True   # ResNet gate as the token: 0.1x lr, no decay (100-epoch config);
+                                   # False: base lr, decayed (300-epoch config, the ImageNet preset)
     spatial_loss: str = "focal_l1" # "focal_l1" (ResNet: e*tanh(0.1e)) or "l1" (ViT)
     freq_weight: float = 0.5       # lambda of the frequency loss (ResNet 0.5, ViT 0.1; 0 = baseline)
     unmask_weight: float = 1e-3    # live-prediction share of visible pixels in the FFT input (ResNet 1e-3)
@@ -88,7 +94,7 @@ def preset(data: str, given: dict) -> dict:
     small = dict(fam, model="vit_tiny" if vit else "resnet18", img_size=32, patch_size=4, mask_patch=4, epochs=200,
                  batch_size=512, blr=2.5e-4 if vit else 6e-4, weight_decay=0.05, warmup_epochs=10)
     big = (dict(model="vit_base", epochs=800, blr=5e-5, step_epoch=700.0) if vit else
-           dict(model="resnet50", epochs=300, blr=1.5e-4))
+           dict(model="resnet50", epochs=300, blr=1.5e-4, gate_like_token=False))  # the 300-epoch config
     imnet = dict(small, img_size=224, patch_size=16, mask_patch=32, batch_size=256, **big)
     return {"imagenet": imnet, "folder": {**imnet, "model": "vit_small" if vit else "resnet50"},
             "cifar10": small, "cifar100": small, "fashion-mnist": small,
@@ -564,6 +570,13 @@ def _on_sigterm(signum, frame):
     _stop_signal.append(signum)
 # <<< shared: runtime
 
+def lr_at(cfg, step, total, base, warm, steps_per_epoch):
+    """One group's lr: warm-up from 0 to `base`, then cosine to 1e-5, the floor of EVERY group (mmcv's
+    min_lr is absolute: the 0.1x token group ends at 1e-5 too); ViT ImageNet: constant, x0.1 at step_epoch."""
+    if cfg.step_epoch:
+        return cosine_schedule(step, total, base, base, warm) * 0.1 ** (step >= cfg.step_epoch * steps_per_epoch)
+    return cosine_schedule(step, total, base, 1e-5, warm)
+
 
 def train(cfg: Config):
     rank, world, device = setup_distributed(cfg.device)
@@ -589,8 +602,11 @@ def train(cfg: Config):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device, memory_format=torch.channels_last)
     lr = cfg.blr * cfg.batch_size * world / 256
     groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay)  # no decay on 1-d, tokens
-    groups.append({"params": [p for p in (model.mask_token, model.mask_gamma) if p is not None],  # Sec. 5.1
+    gate = [model.mask_gamma] if model.mask_gamma is not None else []
+    groups.append({"params": [model.mask_token] + (gate if cfg.gate_like_token else []),  # Sec. 5.1
                    "weight_decay": 0.0, "lr_scale": 0.1 if model.resnet else 1.0})
+    if gate and not cfg.gate_like_token:  # the 300-epoch config does not list the gate: base lr, decayed
+        groups.append({"params": gate, "weight_decay": cfg.weight_decay})
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
 
     # resume: the same command continues the run in out_dir
@@ -645,10 +661,9 @@ def train(cfg: Config):
             data_wait += time.time() - t_data
             images = images.to(device, non_blocking=True)
             warm = int(cfg.warmup_epochs * steps_per_epoch)  # then cosine to 1e-5, or constant with a x0.1 step
-            lr_now = (cosine_schedule(step, total, lr, 1e-5, warm) if not cfg.step_epoch else
-                      cosine_schedule(step, total, lr, lr, warm) * 0.1 ** (step >= cfg.step_epoch * steps_per_epoch))
+            lr_now = lr_at(cfg, step, total, lr, warm, steps_per_epoch)
             for g in opt.param_groups:
-                g["lr"] = lr_now * g.get("lr_scale", 1.0)
+                g["lr"] = lr_at(cfg, step, total, lr * g.get("lr_scale", 1.0), warm, steps_per_epoch)
             with ctx:
                 loss, stats = fwd(images)
             opt.zero_grad(set_to_none=True)

@@ -16,10 +16,16 @@ Differs from the others in:
   - cosine weight decay and teacher momentum, per-tensor gradient clipping, last layer frozen in epoch 0.
 
 Deviations from the official code:
-  - shared ViT (fixed sin-cos positions for any grid, xavier init); bf16 autocast, not fp16 + GradScaler;
-  - r from (seed, step), not Python's global RNG (equal on all ranks and on resume); hints skip an unused
-    torch.rand draw; random / block masks made on the device, not in the loader; one teacher-temperature
-    schedule for [CLS] and patches (equal in the paper runs); probe: the teacher's last 4 [CLS];
+  - shared ViT (fixed sin-cos positions for any grid, xavier init); bf16 autocast, not fp16 + GradScaler,
+    with the head's last layer (logits / 0.04) and the softmaxes in fp32 (official: fp16);
+  - the mask ratio r and the hint ratio r' (two independent draws, as official) from (seed, step), not
+    Python's global RNG (equal on all ranks and on resume); hints skip an unused torch.rand draw; random /
+    block masks made on the device, not in the loader; one teacher-temperature schedule for [CLS] and
+    patches (equal in the paper runs); probe: the teacher's last 4 [CLS];
+  - zero hints allowed: where floor(N s r') = 0 (8x8 grids with r' < 0.16) nothing is revealed; the
+    official Hint code asks torch.multinomial for 0 samples there and stops, so it cannot run on 8x8 grids;
+  - per-rank seeds: masks and drop path draw from seed + rank (official: every rank seeded the same, so
+    the ranks' torch draws repeat each other); initial weights and r, r' are equal on all ranks in both;
   - fixed: the mask grid follows the input size (official: 224 // patch); the encoder returns features
     only (official eval paths get a (features, attention) pair).
 
@@ -289,15 +295,17 @@ def build_vit(name, img_size, patch_size, **kw):
 
 MASK_MODES = ("attmask_hint", "attmask_high", "attmask_low", "random", "block")
 
-def attmask(a, ratio, mode, prob, show_max):
+def attmask(a, ratio, mode, prob, show_max, hint_ratio=None):
     """a: (R, N) teacher [CLS]->patch attention, a row per global crop -> mask (R, N) bool, True = hidden.
     High hides the floor(N r) most attended tokens, Low the least; Hint hides the High set, then reveals
-    floor(N s r) tokens drawn uniformly from the top floor(N s), s = show_max (official issue #1)."""
+    floor(N s r') tokens drawn uniformly from the top floor(N s), s = show_max, r' = hint_ratio (the
+    official loop draws it independently of r; None = r)."""
     R, N = a.shape
     order = a.argsort(dim=1, descending=mode != "attmask_low")         # (R, N) first = first to hide
     mask = torch.zeros(R, N, dtype=torch.bool, device=a.device).scatter_(1, order[:, :int(N * ratio)], True)
     mask &= torch.rand(R, 1, device=a.device) <= prob                  # per crop: else not masked at all
-    n_hint = int(N * (show_max * ratio))                               # floors; s * r formed first (spec 3.3)
+    hint_ratio = ratio if hint_ratio is None else hint_ratio
+    n_hint = int(N * (show_max * hint_ratio))                          # floors; s * r' formed first (spec 3.3b)
     if mode == "attmask_hint" and n_hint > 0:
         top = torch.zeros(R, N, device=a.device).scatter_(1, order[:, :int(N * show_max)], 1.0)  # (R, N) candidates
         # = torch.multinomial(top, n_hint) (same draws), without its two host syncs: top-k of top / Exp(1)
@@ -307,14 +315,14 @@ def attmask(a, ratio, mode, prob, show_max):
 def block_mask(ratios, gh, gw, rounds=50):
     """iBOT 'block' baseline (BEiT), vectorised: each round proposes a rectangle per row (area U[(min(gh,gw)
     //3)^2, left to hide], aspect in [0.3, 1/0.3]), kept if it hides 1..left-to-hide new tokens; a row stops
-    after 10 rejections in a row, as the official loop (never over 37 proposals in 2000 trials at 14x14)."""
+    after 10 rejections in a row, as the official loop (never over 50 proposals in 20000 trials at 14x14)."""
     R, dev, lo = len(ratios), ratios.device, (min(gh, gw) // 3) ** 2
     rand = lambda: torch.rand(R, device=dev)
-    target, fails = (ratios * gh * gw).floor(), torch.zeros(R, device=dev)  # (R,)
+    target, fails = ratios * gh * gw, torch.zeros(R, device=dev)  # (R,) not floored, as official
     mask = torch.zeros(R, gh, gw, dtype=torch.bool, device=dev)
     ys, xs = torch.arange(gh, device=dev), torch.arange(gw, device=dev)
     for _ in range(rounds):
-        todo = target - mask.sum((1, 2))                               # (R,)
+        todo = target - mask.sum((1, 2))                               # (R,) r N - count: caps the area
         area, aspect = lo + (todo - lo) * rand(), torch.exp((2 * rand() - 1) * math.log(1 / 0.3))
         h, w = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
         top, left = (rand() * (gh - h + 1)).floor(), (rand() * (gw - w + 1)).floor()
@@ -329,8 +337,9 @@ def make_mask(cfg, attn, step, gh, gw):
     """Mask (2B, N) of the global crops for --mask_mode. attn: (2B, heads, 1+N) teacher [CLS] rows."""
     lo, hi = cfg.pred_ratio - cfg.pred_ratio_var, cfg.pred_ratio + cfg.pred_ratio_var
     if cfg.mask_mode.startswith("attmask"):  # last block, mean over heads, patch keys, not renormalised (Sec. 3)
-        r = random.Random(cfg.seed * 1_000_003 + step).uniform(lo, hi)  # one r per step, the same on all ranks
-        return attmask(attn[:, :, 1:].float().mean(1), r, cfg.mask_mode, cfg.masking_prob, cfg.show_max)
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # one r per step, the same on all ranks and on resume
+        r, r_hint = rng.uniform(lo, hi), rng.uniform(lo, hi)  # official: get_pred_ratio() twice, mask and hints
+        return attmask(attn[:, :, 1:].float().mean(1), r, cfg.mask_mode, cfg.masking_prob, cfg.show_max, r_hint)
     ratios = lo + (hi - lo) * torch.rand(attn.shape[0], device=attn.device)  # iBOT: r per crop, all masked
     if cfg.mask_mode == "block":
         return block_mask(ratios, gh, gw)
@@ -353,7 +362,9 @@ class Head(nn.Module):
         self.g = nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x):
-        return F.linear(F.normalize(self.mlp(x), dim=-1), self.g * F.normalize(self.v, dim=1))  # (..., K)
+        z = F.normalize(self.mlp(x).float(), dim=-1)                   # (..., 256)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 logits: after /0.04, bf16 is 8x fp16's steps
+            return F.linear(z, self.g * F.normalize(self.v, dim=1))    # (..., K) fp32
 
 def teacher_temp(epoch, start, end, warmup_epochs):
     """Per epoch: linspace(start, end, warmup_epochs)[epoch], then end (sharper targets early on)."""

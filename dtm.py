@@ -18,6 +18,10 @@ default, needs no weights; not in the paper, which reports an unspecified BYOL v
 Deviations from the official code:
 - shared ViT: sin-cos positions, not BEiT v2's relative position bias; qkv k-bias; xavier init (head:
   torch's default); mask token not weight-decayed; bf16 autocast, not fp16 AMP (matching in fp32/TF32);
+- init: no BEiT rescale of block l's attention-output and second MLP weights by 1/sqrt(2l) (one init for
+  all five files; LayerScale 0.1 damps those branches already); mask token normal std 0.02 cut at +-2
+  (official: cut at +-1 std, i.e. +-0.02); --data imagenet without --teacher clip is not the paper's recipe
+  (the start-up log says so);
 - block masks for the whole batch on the device in 30 placement attempts (BEiT's stop after 10 failures
   in a row kept; >99% of images stop by then), topped up to the exact count as in BEiT v2;
 - one n_max, k_max for both levels (code defaults n1 = n2, k1 = k2); no gradient accumulation (the
@@ -35,6 +39,7 @@ Run:
 """
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -92,6 +97,8 @@ class Config:
     mask_ratio: float = 75 / 196   # exactly round(ratio * N) hidden per image (paper 75 of 196)
     min_mask_block: int = 16       # smallest masking block in patches (paper 16; scaled recipe 4)
     layer_scale: float = 0.1       # LayerScale init of the student (paper 0.1 for Small/Base)
+    drop_path: float = 0.0         # student stochastic depth; official script default 0.1, but its 300-epoch
+                                   # recipe (BEiT v2's, spec 6.1) and the scaled one (6.2) use 0: all presets 0
     loss_beta: float = 2.0         # smooth-L1 beta (code default loss)
 
 
@@ -364,7 +371,17 @@ def load_clip_visual(path):
     sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")} or sd
     if "conv1.weight" not in sd or "proj" not in sd:
         die(f"--teacher_ckpt {path} holds no CLIP image tower (no visual.conv1.weight / visual.proj)")
-    return CLIPVisual(sd)
+    tower = CLIPVisual(sd)
+    tower.file = {"path": os.path.abspath(path), "sha256": sha256_of(path)}  # checkpoints keep this, not weights
+    return tower
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------
@@ -379,13 +396,20 @@ class Model(nn.Module):
         super().__init__()
         if cfg.morph not in ("on", "off"):
             die(f"unknown --morph {cfg.morph}; choose on or off")
+        for flag, least in (("morph_levels", 1), ("morph_k_max", 1), ("morph_n_max", 0)):
+            if getattr(cfg, flag) < least:
+                die(f"--{flag} {getattr(cfg, flag)} is impossible: use >= {least} (no morphing: --morph off)")
         self.cfg = cfg
-        self.encoder = build_vit(cfg.model, cfg.img_size, cfg.patch_size, layer_scale=cfg.layer_scale)
+        self.encoder = build_vit(cfg.model, cfg.img_size, cfg.patch_size, layer_scale=cfg.layer_scale,
+                                 drop_path=cfg.drop_path)
         self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, self.encoder.dim), std=0.02))
         if cfg.teacher == "clip":
             self.teacher = load_clip_visual(cfg.teacher_ckpt)
-        elif cfg.teacher == "ema":  # starts as the student, then follows it (ema_update)
+        elif cfg.teacher == "ema":  # starts as the student, then follows it (ema_update); no drop path
             self.teacher = copy.deepcopy(self.encoder)
+            for m in self.teacher.modules():
+                if isinstance(m, DropPath):
+                    m.p = 0.0
         elif cfg.teacher == "random":
             with torch.random.fork_rng(devices=[]):  # fixed weights; the training RNG stream is untouched
                 torch.manual_seed(0)
@@ -429,6 +453,26 @@ class Model(nn.Module):
         """--teacher ema: teacher <- momentum * teacher + (1 - momentum) * student encoder."""
         for t, s in zip(self.teacher.parameters(), self.encoder.parameters()):
             t.lerp_(s.detach(), 1.0 - momentum)
+
+    def trained_state(self):
+        """What a checkpoint keeps: the state without a CLIP tower (frozen, ~344 MB: its file is named)."""
+        clip = self.cfg.teacher == "clip"
+        return {k: v for k, v in self.state_dict().items() if not (clip and k.startswith("teacher."))}
+
+    def load_trained_state(self, ckpt):
+        """Inverse of trained_state: the CLIP tower is the one just read from --teacher_ckpt, which must be
+        the file the run started with (same sha256)."""
+        saved, now = ckpt.get("teacher_file"), getattr(self.teacher, "file", None)
+        if saved and (now is None or now["sha256"] != saved["sha256"]):
+            have = (f"--teacher_ckpt {now['path']} differs" if now else
+                    f"this command has --teacher {self.cfg.teacher}")
+            die(f"this run's CLIP teacher is {saved['path']} (sha256 {saved['sha256'][:12]}...) but {have}: "
+                "restore that file and pass it as --teacher_ckpt, or start a new --out_dir")
+        if now and not saved:
+            die(f"this run was trained with --teacher {ckpt['config']['teacher']}, not clip; "
+                "resume with that teacher or start a new --out_dir")
+        tower = {k: v for k, v in self.state_dict().items() if k.startswith("teacher.")} if saved else {}
+        self.load_state_dict({**ckpt["model"], **tower})
 
     @torch.no_grad()
     def visualize(self, images, path):
@@ -681,7 +725,7 @@ def train(cfg: Config):
                    if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "knn_every", "device", "compile")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
-        model.load_state_dict(ckpt["model"])
+        model.load_trained_state(ckpt)  # a CLIP tower comes from its file, checked against the saved sha256
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         if len(ckpt["rng"]) == world:
@@ -700,6 +744,9 @@ def train(cfg: Config):
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
     log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x sqrt({cfg.batch_size * world}/256))"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
+    if cfg.data == "imagenet" and cfg.teacher != "clip":
+        log.print("note: the paper's ImageNet recipe distils a CLIP ViT-B/16 teacher (--teacher clip --teacher_ckpt"
+                  f" ViT-B-16.pt); this run uses the {dict(ema='EMA', random='frozen random')[cfg.teacher]} teacher")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -709,8 +756,10 @@ def train(cfg: Config):
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(epoch):
-        state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
+        state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.trained_state(),
                  "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "rng": rng_states(world)}
+        if cfg.teacher == "clip":  # the frozen tower's file path and sha256, not its weights
+            state["teacher_file"] = model.teacher.file
         if master:
             save_checkpoint(path, state)
 

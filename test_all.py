@@ -542,6 +542,79 @@ def test_attmask_ratio_per_step_and_ibot_baselines():
     assert neighbours(blk) > 1.5 * neighbours(rnd.view(-1, 14, 14))
 
 
+def test_attmask_hint_count_from_a_second_independent_ratio_draw():
+    # official: get_pred_ratio() is called twice per step, once for the mask, once for the hints (spec 3.3b)
+    high_cfg = _attmask_tiny_cfg("--mask_mode", "attmask_high", "--masking_prob", "1")
+    hint_cfg = _attmask_tiny_cfg("--mask_mode", "attmask_hint", "--masking_prob", "1")
+    attn, steps = torch.rand(2, 2, 197), range(1500)
+    torch.manual_seed(0)
+    high = torch.stack([am.make_mask(high_cfg, attn, s, 14, 14) for s in steps])   # (S, 2, N)
+    hint = torch.stack([am.make_mask(hint_cfg, attn, s, 14, 14) for s in steps])
+    assert not (hint & ~high).any()
+    n_high, shown = high.sum(2).float(), (high & ~hint).sum(2).float()        # (S, 2)
+    rngs = [__import__("random").Random(s) for s in steps]                     # seed 0: (seed, step) -> step
+    r2 = torch.tensor([(g.uniform(0.1, 0.5), g.uniform(0.1, 0.5))[1] for g in rngs])
+    assert torch.equal(shown, (196 * (0.1 * r2)).floor()[:, None].expand(-1, 2))  # floor(N s r'), r' the 2nd draw
+    share = (shown / n_high)[:, 0]
+    assert share.max() > 0.35 and (share > 0.1).float().mean() > 0.15         # official: up to ~47%
+    assert abs(torch.corrcoef(torch.stack([n_high[:, 0], shown[:, 0]]))[0, 1]) < 0.1  # independent of r
+    # equal draws (r' = r) give today's masks: at most 10% of the High set revealed
+    a = _attmask_distinct_attention(4, 196)
+    for r in torch.linspace(0.1, 0.5, 41).tolist():
+        torch.manual_seed(2)
+        same = am.attmask(a, r, "attmask_hint", 1.0, 0.1, r)
+        torch.manual_seed(2)
+        assert torch.equal(same, am.attmask(a, r, "attmask_hint", 1.0, 0.1))
+        hi = am.attmask(a, r, "attmask_high", 1.0, 0.1)
+        assert ((hi & ~same).sum(1) == int(196 * (0.1 * r))).all() and int(196 * (0.1 * r)) <= 0.1 * hi.sum(1)[0]
+
+
+def _pieces(m):
+    """(R, h, w) bool -> (R,) number of 4-connected pieces: every cell takes the smallest label around it
+    until nothing changes, then a piece is a cell that kept its own label."""
+    R, h, w = m.shape
+    own = torch.arange(h * w).view(1, h, w)
+    lab = torch.where(m, own, h * w)
+    while True:
+        p = F.pad(lab, (1, 1, 1, 1), value=h * w)
+        near = torch.stack([p[:, 1:-1, 1:-1], p[:, :-2, 1:-1], p[:, 2:, 1:-1],
+                            p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amin(0)              # self and 4 neighbours
+        new = torch.where(m, near, h * w)
+        if torch.equal(new, lab):
+            return (m & (lab == own)).sum((1, 2))
+        lab = new
+
+
+def test_attmask_block_masks_fragment_like_the_official_generator():
+    hand = torch.zeros(1, 5, 5, dtype=torch.bool)
+    hand[0, 0, :3] = hand[0, 1, 2] = hand[0, 3, 0] = hand[0, 2:, 4] = True       # an L, a dot, a bar
+    assert _pieces(hand).tolist() == [3]
+    # official iBOT loader: block area ~ U[16, r N - count], r N not floored; with the floored cap the
+    # end of a mask fills up with 1-patch blocks (1.43 pieces per crop). The official generator gives 1.32
+    # (1.336 +- 0.008 over 4000 of its masks): 3000 masks have a standard error of ~0.01, so 0.04 is 4 SE
+    torch.manual_seed(0)
+    ratios = 0.1 + 0.4 * torch.rand(3000)
+    m = am.block_mask(ratios, 14, 14).view(-1, 14, 14)
+    assert abs(_pieces(m).float().mean().item() - 1.32) < 0.04
+    assert (m.flatten(1).sum(1) <= (ratios * 196).floor()).all()                # never over floor(r N)
+
+
+def test_attmask_head_logits_and_softmaxes_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    head, x = am.Head(32, 64, 32), torch.randn(3, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, z = head(x), head.mlp(x)                                           # z: the bf16 bottleneck
+    assert z.dtype == torch.bfloat16 and out.dtype == torch.float32
+    ref = F.normalize(z.float(), dim=-1) @ (head.g * F.normalize(head.v, dim=1)).T  # the last layer in fp32
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    model = am.Model(_attmask_tiny_cfg("--masking_prob", "1"))
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t_out = model.teacher_head(model.teacher(torch.cat(crops[:2])))
+        loss = model(crops, 0, 0)[0]
+    assert t_out.dtype == torch.float32 and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_attmask_one_teacher_pass_gives_targets_and_the_attention(monkeypatch):
     torch.manual_seed(0)
     cfg = _attmask_tiny_cfg("--mask_mode", "attmask_high", "--masking_prob", "1", "--local_crops", "2")
@@ -1197,6 +1270,69 @@ def test_dtm_teacher_bad_input(tmp_path):
             dtm.Model(_dtm_tiny_cfg(*flags))
 
 
+def test_dtm_impossible_morph_settings_are_one_line_errors(tmp_path):
+    r = run_script("dtm.py", TINY + ["--morph_k_max", "0", "--max_steps", "1"], tmp_path, check=False)  # as a user
+    assert r.returncode != 0 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--morph_k_max 0" in r.stderr, r.stderr
+    for flag, bad in (("morph_levels", "0"), ("morph_n_max", "-1")):           # the same check, in-process
+        with pytest.raises(SystemExit, match=f"--{flag} {bad} is impossible: use >= ") as e:
+            dtm.Model(_dtm_tiny_cfg(f"--{flag}", bad))
+        assert "\n" not in str(e.value)
+
+
+def test_dtm_drop_path_in_the_student_only_and_zero_in_the_presets():
+    assert [dtm.parse_config(["--data", d]).drop_path for d in ("imagenet", "cifar10", "synthetic")] == [0, 0, 0]
+    torch.manual_seed(0)
+    model = dtm.Model(_dtm_tiny_cfg("--drop_path", "0.2"))                      # ema teacher: a copy of the student
+    assert [b.drop_path.p for b in model.encoder.blocks] == [0.0, 0.2]         # linear over depth, 0 first
+    assert [b.drop_path.p for b in model.teacher.blocks] == [0.0, 0.0]
+    x = torch.randn(16, 3, 32, 32)
+    assert not torch.equal(model.encoder(x), model.encoder(x))                # train mode: random depth
+    assert torch.equal(model.targets(x), model.targets(x))
+
+
+def _dtm_imagenet_folder(root):
+    for c in ("n01", "n02"):
+        os.makedirs(root / "train" / c)
+        for i in range(4):
+            pixels = np.random.RandomState(i + 10 * len(c)).randint(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / c / f"{i}.png")
+    return ["--data", "imagenet", "--data_dir", str(root), "--model", "vit_pico", "--img_size", "32", "--patch_size",
+            "4", "--batch_size", "4", "--num_workers", "0", "--min_mask_block", "4", "--morph_k_max", "8",
+            "--log_every", "1", "--warmup_epochs", "0"]
+
+
+def test_dtm_clip_checkpoint_names_the_tower_file_and_imagenet_says_which_teacher(tmp_path, capsys):
+    import hashlib
+    args = _dtm_imagenet_folder(tmp_path / "imagenet")
+    clip = tmp_path / "clip.pt"
+    torch.save(_dtm_openai_state_dict(), clip)
+    sha = hashlib.sha256(clip.read_bytes()).hexdigest()
+    c_args = args + ["--teacher", "clip", "--teacher_ckpt", str(clip)]
+    out = run_inprocess("dtm", c_args + ["--max_steps", "3"], tmp_path / "straight", capsys)
+    assert "note:" not in out                                                 # the paper's teacher: nothing to say
+    run_inprocess("dtm", c_args + ["--max_steps", "2"], tmp_path / "halves", capsys)
+    ckpt = load_ckpt(tmp_path / "halves")
+    assert not any(k.startswith("teacher.") for k in ckpt["model"])          # the frozen tower is not saved...
+    assert ckpt["teacher_file"] == {"path": str(clip.resolve()), "sha256": sha}  # ...its file is named instead
+    assert "resumed" in run_inprocess("dtm", c_args + ["--max_steps", "3"], tmp_path / "halves", capsys)
+    assert max_param_diff(load_ckpt(tmp_path / "straight")["model"], load_ckpt(tmp_path / "halves")["model"]) < 1e-6
+    torch.save(_dtm_openai_state_dict(seed=1), clip)                         # the file changed
+    with pytest.raises(SystemExit, match="sha256") as e:
+        run_inprocess("dtm", c_args + ["--max_steps", "4"], tmp_path / "halves", capsys)
+    clip.unlink()                                                             # the file is gone
+    with pytest.raises(SystemExit, match="is not a file") as e2:
+        run_inprocess("dtm", c_args + ["--max_steps", "4"], tmp_path / "halves", capsys)
+    assert "\n" not in str(e.value) + str(e2.value) and load_ckpt(tmp_path / "halves")["step"] == 3
+    # --data imagenet with the EMA teacher: one start-up line says it is not the paper's recipe
+    out = run_inprocess("dtm", args + ["--max_steps", "1"], tmp_path / "ema", capsys)
+    note = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "CLIP" in note[0] and "EMA teacher" in note[0], out
+    torch.save(_dtm_openai_state_dict(), clip)
+    with pytest.raises(SystemExit, match="trained with --teacher ema"):     # a CLIP resume of an EMA run
+        run_inprocess("dtm", c_args + ["--max_steps", "2"], tmp_path / "ema", capsys)
+
+
 # ----------------------------------------------------------------------------
 # Learning
 
@@ -1381,16 +1517,37 @@ def test_a2mim_resnet_resume_groups_and_probe(tmp_path, capsys):
     A, B = load_ckpt(s), load_ckpt(h)
     assert max_param_diff(A["model"], B["model"]) < 1e-6 and torch.equal(A["model"]["encoder.stem.1.running_var"],
                                                                         B["model"]["encoder.stem.1.running_var"])
-    # mask token + gate: their own group, 0.1x lr, no weight decay (Sec. 5.1)
+    # mask token + gate (small recipes, as the 100-epoch config): their own group, 0.1x lr, no weight decay
     groups, state = A["optimizer"]["param_groups"], A["optimizer"]["state"]
     tok = [g for g in groups if "lr_scale" in g]
     assert len(tok) == 1 and tok[0]["lr_scale"] == 0.1 and tok[0]["weight_decay"] == 0.0
     assert [state[i]["exp_avg"].shape for i in tok[0]["params"]] == [(1, 128, 1, 1)] * 2
-    assert tok[0]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
+    cfg, lr = a2mim.Config(**A["config"]), 0.01 * 8 / 256                     # the last step was step 3
+    total = cfg.epochs * (2000 // 8)
+    assert tok[0]["lr"] == pytest.approx(a2mim.lr_at(cfg, 3, total, 0.1 * lr, 0, 250), rel=1e-9)  # own cosine to 1e-5
+    assert groups[0]["lr"] == pytest.approx(a2mim.lr_at(cfg, 3, total, lr, 0, 250), rel=1e-9)
     enc = a2mim.load_encoder(A)
     assert isinstance(enc[0], a2mim.ResNet) and not enc.training
     res = common.probe(enc, "synthetic", "", 32, num_workers=0, epochs=3, synthetic_size=200)
     assert res["dim"] == 256 and 0 <= res["linear_top1"] <= 100
+
+
+def test_a2mim_300_epoch_gate_group_and_the_1e5_floor_of_every_group(tmp_path, capsys):
+    assert not a2mim.parse_config(["--data", "imagenet"]).gate_like_token          # 300-epoch R50 config
+    assert a2mim.parse_config(["--data", "cifar10"]).gate_like_token               # 100-epoch config's choice
+    run_inprocess("a2mim", _a2mim_RES + ["--max_steps", "1", "--gate_like_token", "0"], tmp_path, capsys)
+    groups, state = (load_ckpt(tmp_path)["optimizer"][k] for k in ("param_groups", "state"))
+    shapes = [[tuple(state[i]["exp_avg"].shape) for i in g["params"]] for g in groups]
+    single = [g for g, sh in zip(groups, shapes) if sh == [(1, 128, 1, 1)]]     # the token's group, the gate's
+    (tok,), (gate,) = [g for g in single if "lr_scale" in g], [g for g in single if "lr_scale" not in g]
+    assert (tok["lr_scale"], tok["weight_decay"]) == (0.1, 0.0) and "lr_scale" not in gate
+    assert gate["weight_decay"] == 0.05 and gate["lr"] == groups[0]["lr"]       # base lr, decayed
+    # official (mmcv) cosine: min_lr 1e-5 is absolute, so the 0.1x group ends at 1e-5 too, not at 1e-6
+    cfg = a2mim.parse_config(["--data", "imagenet"])
+    ends = [a2mim.lr_at(cfg, s, 1000, base, 100, 10) for base in (1.2e-3, 1.2e-4) for s in (50, 550, 1000)]
+    assert ends == pytest.approx([6e-4, (1.2e-3 + 1e-5) / 2, 1e-5, 6e-5, (1.2e-4 + 1e-5) / 2, 1e-5], rel=1e-9)
+    vit = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])      # step x0.1 at epoch 700 of 800
+    assert [a2mim.lr_at(vit, s, 8000, 4e-4, 100, 10) for s in (6999, 7000, 8000)] == pytest.approx([4e-4, 4e-5, 4e-5])
 
 
 def test_a2mim_resnet_torchrun_two_processes(tmp_path):
