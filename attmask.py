@@ -82,6 +82,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     # <<< shared: config
     # method: AttMask (paper values from the official launch commands)
     mask_mode: str = "attmask_hint"  # attmask_hint | attmask_high | attmask_low | random | block (iBOT)
@@ -145,6 +146,8 @@ def parse_config(argv=None) -> Config:
     if data not in common.DATASETS:
         die(f"unknown --data {data}; choose one of {', '.join(common.DATASETS)}")
     cfg = Config(**{**preset(data, given), **given})
+    if "knn_every" not in given and data not in ("synthetic", "imagenet", "folder"):  # small data: online kNN
+        cfg.knn_every = max(1, cfg.epochs // 10)  # ten times a run, < 10% of its time
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
     return cfg
 # <<< shared: parse_config
@@ -630,7 +633,7 @@ def train(cfg: Config):
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile")}
+                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "knn_every", "device", "compile")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         model.load_state_dict(ckpt["model"])
@@ -736,6 +739,8 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
     imgs = (step - step0) * eff_batch

@@ -229,6 +229,94 @@ def test_probe_end_to_end_and_cache(tmp_path):
 
 
 # ----------------------------------------------------------------------------
+# Validation split, online kNN, the study
+
+def test_val_split_is_the_train_tail_or_every_tenth_image():
+    assert common.val_split("fashion-mnist", 60000) == (list(range(50000)), list(range(50000, 60000)))
+    assert common.val_split("cifar100", 50000)[1][0] == 40000
+    assert common.val_split("fashion-mnist", 100) == (list(range(80)), list(range(80, 100)))  # small copy: a fifth
+    assert common.val_split("synthetic", 2000)[1] == list(range(1500, 2000))                  # as its test split
+    rest, val = common.val_split("imagenet", 25)                                              # class-sorted
+    assert val == [9, 19] and sorted(rest + val) == list(range(25))
+    with pytest.raises(SystemExit, match="too few"):
+        common.val_split("synthetic", 3)
+    val, rest = (common.build_dataset("synthetic", "", s, synthetic_size=40) for s in ("val", "probe-rest"))
+    assert len(val) == 10 and len(rest) == 30 and [val[i][1] for i in range(10)] == [i % 10 for i in range(30, 40)]
+
+
+@pytest.fixture
+def _tiny_synthetic(monkeypatch):
+    """Synthetic at 1/50 of its size: 40 train images (5 steps an epoch at batch 8), 10 test; a fresh kNN cache."""
+    real = common.Synthetic
+    monkeypatch.setattr(common, "Synthetic", lambda n, *a, **k: real(n // 50, *a, **k))
+    monkeypatch.setattr(common, "_knn_sets", {})
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_online_knn_keeps_the_training_stream_and_equals_eval_linear(method, tmp_path, capsys, _tiny_synthetic):
+    """--knn_every 1 after epochs 1 and 2: bitwise the same weights and RNG state as without it; `knn` lines
+    in log.txt and metrics.jsonl; the number eval_linear.py --split val gives for that checkpoint (the online
+    sets are below their cap here, so they are eval_linear's: 30 train images minus val, 10 val)."""
+    args = method_args(method) + ["--max_steps", "10"]
+    run_inprocess(method, args + ["--knn_every", "1"], tmp_path / "knn", capsys)
+    run_inprocess(method, args, tmp_path / "plain", capsys)
+    A, B = load_ckpt(tmp_path / "knn"), load_ckpt(tmp_path / "plain")
+    for k, v in A.items():
+        if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values()):
+            assert all(torch.equal(t, B[k][n]) for n, t in v.items()), k
+    assert A["step"] == 10 and torch.equal(A["rng"][0]["cpu"], B["rng"][0]["cpu"])
+    rows = [json.loads(line) for line in open(tmp_path / "knn" / "metrics.jsonl") if '"knn"' in line]
+    assert [(r["step"], r["epoch"], r["knn_val"], r["knn_bank"]) for r in rows] == [(5, 1.0, 10, 30), (10, 2.0, 10, 30)]
+    assert len(re.findall(r"^knn [\d.]+ \| step", open(tmp_path / "knn" / "log.txt").read(), re.M)) == 2
+    assert '"knn"' not in open(tmp_path / "plain" / "metrics.jsonl").read()
+    import eval_linear
+    res = eval_linear.main(["--ckpt", str(tmp_path / "knn" / "checkpoint.pt"), "--split", "val", "--epochs", "1",
+                            "--num_workers", "0"])
+    assert (res["n_train"], res["n_test"], res["split"]) == (30, 10, "val") and res["knn_top1"] == rows[-1]["knn"]
+
+
+def test_eval_linear_raw_pixels_and_its_errors(tmp_path, capsys):
+    import eval_linear
+    res = eval_linear.main(["--raw_pixels", "--data", "synthetic", "--epochs", "1", "--num_workers", "0",
+                            "--out_dir", str(tmp_path), "--split", "val"])
+    assert res["dim"] == 3 * 32 * 32 and (res["n_train"], res["n_test"]) == (1500, 500)
+    assert os.path.exists(tmp_path / "probe_synthetic_val.json")
+    for argv, hint in [(["--raw_pixels"], "pass --data"), ([], "pass --ckpt")]:
+        with pytest.raises(SystemExit, match=hint):
+            eval_linear.main(argv)
+
+
+def test_study_runs_end_to_end_and_writes_the_table_and_the_plot(tmp_path):
+    """results/study.py at a tiny budget: AMT and DTM each against its baseline, 2 epochs of 8 steps on a
+    64-image Fashion-MNIST copy, pico ViT, the workers in this process (--parallel 0): one row per run, the
+    random-init and raw-pixel rows, a PNG with both methods' colours."""
+    g = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 20)):
+        y = np.arange(n) % 10
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", g.integers(0, 120, (n, 28, 28)) + y[:, None, None] * 12)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", y)
+    import importlib.util
+    res, spec = tmp_path / "res", importlib.util.spec_from_file_location("study", os.path.join(HERE, "results", "study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = ["--data", "fashion-mnist", "--data_dir", str(tmp_path), "--epochs", "2", "--seeds", "0", "--methods", "amt",
+            "dtm", "--parallel", "0", "--probe_epochs", "2", "--out_dir", str(res), "--model", "vit_pico",
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--log_every", "4"]
+    assert study.main(argv) == 0
+    md = open(res / "fashion-mnist.md").read()
+    runs = re.findall(r"^\| (\w+-\w+-s0) \| 0 \| 16 \| 2\.00 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+                      md.split("## Every run")[1], re.M)
+    assert sorted(runs) == ["amt-baseline-s0", "amt-paper-s0", "dtm-baseline-s0", "dtm-paper-s0"], md
+    assert md.count("random init (same architecture)") == 2 and re.search(r"^\| raw pixels .*\| [\d.]+ \|$", md, re.M)
+    assert "baseline `--amt off`" in md and "baseline `--morph off`" in md and " ".join(argv) in md
+    for run in runs:  # logs kept, the online kNN after both epochs
+        assert open(res / "runs-fashion-mnist" / run / "metrics.jsonl").read().count('"knn"') == 2
+    png = Image.open(res / "fashion-mnist.png").convert("RGB")
+    colours = set(map(tuple, np.asarray(png).reshape(-1, 3).tolist()))
+    assert png.size == (1100, 620) and (255, 127, 14) in colours and (44, 160, 44) in colours
+
+
+# ----------------------------------------------------------------------------
 # The contract every method file keeps (parametrised over the method files present)
 
 # flags a method needs on top of TINY for a 4-step CPU run (e.g. a ViT instead of its default backbone)
