@@ -13,16 +13,18 @@ Deviations from the official code:
   - ViT: the shared ViT (fixed sin-cos positions, xavier init), not SimMIM's learnable positions + relative
     position bias (layer scale 0.1, drop path 0.1 kept). "vit_small" is DeiT-S, NOT openmixup's 768-d/8-block
     "ViT-S". --mask_layer counts blocks before the token: official l >= 1 is our l - 1 (official 0 and 1 are
-    the same function, as token and positions are both added). ViT-B: 256/GPU, no accumulation (128 x 2).
+    the same function, as token and positions are both added). ViT-B: 8 GPUs x 128 x --accum_iter 2, as the
+    config (openmixup accumulates the same way: a loss per micro-batch, divided, summed gradients).
   - Masks are drawn per batch on the device with torch's RNG, not NumPy in loader workers (same distribution,
     no identical mask streams in forked workers: spec pitfall 14). The PIL-branch fill bug is not ported.
   - bf16 autocast on CUDA (R50 configs: fp32), losses in fp32. SyncBN on CUDA only (PyTorch has no CPU one).
     The ResNet gate: base lr and decay at ImageNet (300 epochs, as the 300-epoch config); the small recipes
     keep the 100-epoch config's 0.1x lr, no decay (--gate_like_token). The small-image recipes (resnet18
     with CIFAR stem, vit_tiny/4, 4-px cells) are the spec's proposal, not the paper's.
-  - The frequency loss compares batch-MEAN spectra over each GPU's batch, so it depends on the per-GPU
-    batch, not only on the effective one: the official ViT-B averages 128 images (8 x 128 x 2 accumulation);
-    256 per GPU averages 256 (more errors cancel in the mean: typically a smaller loss): not the same loss.
+  - The frequency loss compares batch-MEAN spectra over each GPU's micro-batch (and a ResNet's BatchNorm
+    sees one micro-batch), so it depends on the per-GPU batch, not only on the effective one, and
+    --accum_iter is not exactly a bigger batch: the ViT-B preset averages the official 128 images (x accum 2);
+    256 per GPU would average 256 (more errors cancel in the mean: typically a smaller loss): not the same loss.
 Run: python a2mim.py (~1 min CPU run, synthetic data) | python a2mim.py --data cifar10 [--model vit_tiny]
      torchrun --nproc_per_node=8 a2mim.py --data imagenet --data_dir /path/to/imagenet [--model vit_base]
 SimMIM-like baseline: --freq_weight 0, and for a ViT also --mask_layer 0 --fill zero."""
@@ -62,7 +64,8 @@ class Config:
     patch_size: int = 0            # ViT patch size in pixels; preset picks
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 0            # images per GPU per step; preset picks
+    batch_size: int = 0            # images per GPU per micro-batch; preset picks
+    accum_iter: int = 1            # micro-batches per optimizer step (MAE): batch x GPUs x this images a step
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
@@ -72,6 +75,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
+    knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
     # <<< shared: config
     mask_patch: int = 32           # cell side in pixels (32 at 224 px; 4 at 32 px); defaults: ResNet recipe
@@ -88,15 +92,15 @@ class Config:
 
 
 def preset(data: str, given: dict) -> dict:
-    """ResNet or ViT recipe by --model. ImageNet: the released configs (lr 1.2e-3 / 4e-4 at 8 x 256 = 2048);
-    small data: the spec's scaled recipe (lr 1.2e-3 / 5e-4 at 512); synthetic: CPU smoke size."""
+    """ResNet or ViT recipe by --model. ImageNet: the released configs (lr 1.2e-3 / 4e-4 at 2048 = 8 x 256 or,
+    ViT-B, 8 x 128 x accum 2); small data: the spec's scaled recipe (lr 1.2e-3 / 5e-4 at 512); synthetic: CPU smoke."""
     vit = given.get("model", "") in VIT_SIZES
     fam = dict(spatial_loss="l1", freq_weight=0.1, unmask_weight=0.0, mask_layer=0, mask_gamma=0.0) if vit else {}
     small = dict(fam, model="vit_tiny" if vit else "resnet18", img_size=32, patch_size=4, mask_patch=4, epochs=200,
                  batch_size=512, blr=2.5e-4 if vit else 6e-4, weight_decay=0.05, warmup_epochs=10)
-    big = (dict(model="vit_base", epochs=800, blr=5e-5, step_epoch=700.0) if vit else
-           dict(model="resnet50", epochs=300, blr=1.5e-4, gate_like_token=False))  # the 300-epoch config
-    imnet = dict(small, img_size=224, patch_size=16, mask_patch=32, batch_size=256, **big)
+    big = (dict(model="vit_base", epochs=800, blr=5e-5, step_epoch=700.0, batch_size=128, accum_iter=2) if vit else
+           dict(model="resnet50", epochs=300, blr=1.5e-4, batch_size=256, gate_like_token=False))  # the 300-epoch
+    imnet = dict(small, img_size=224, patch_size=16, mask_patch=32, **big)  # config; both 2048 a step on 8 GPUs
     return {"imagenet": imnet, "folder": {**imnet, "model": "vit_small" if vit else "resnet50"},
             "cifar10": small, "cifar100": small, "fashion-mnist": small,
             "stl10": {**small, "img_size": 96, "patch_size": 8, "mask_patch": 16},
@@ -152,6 +156,8 @@ def parse_config(argv=None) -> Config:
             print(f"note: {folder} has no val/ folder: pre-training works, but eval_linear.py "
                   "(and any online kNN) needs val/<class>/<images>")
     cfg = Config(**{**preset(recipe, given), **given})
+    if "knn_every" not in given and data not in ("synthetic", "imagenet", "folder"):  # small data: online kNN
+        cfg.knn_every = max(1, cfg.epochs // 10)  # ten times a run, < 10% of its time
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
     check_config(cfg)  # ranges and combinations: one line and nothing written when a flag is wrong
     return cfg
@@ -207,8 +213,9 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
             return out
-        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32
-        attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
+        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32 (autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
         return out, attn.softmax(-1)[:, :, 0]                         # (B, h, T)
 
 
@@ -277,14 +284,16 @@ class ViT(nn.Module):
     def forward(self, images, mask=None, mask_token=None, keep=None, return_attn=False):
         x = self.patch_embed(images)                                   # (B, D, gh, gw)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                               # (B, N, D)
+        # the residual stream (and every LayerNorm input) stays fp32 under bf16 autocast, as in the official
+        # models, where the fp32 position table promotes it; only the matmuls inside the blocks run in bf16
+        x = x.flatten(2).transpose(1, 2).float()                       # (B, N, D)
         if mask is not None:  # substitute the mask token before positions are added
-            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
-        x = x + self.pos_embed(gh, gw).to(x.dtype)
+            x = torch.where(mask[..., None], mask_token.float(), x)
+        x = x + self.pos_embed(gh, gw)
         if keep is not None:  # token dropping: only these tokens enter the blocks
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+K, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).float(), x], dim=1)  # (B, 1+K, D)
         for blk in self.blocks[:-1]:
             x = blk(x)
         x = self.blocks[-1](x, return_attn)
@@ -381,10 +390,10 @@ def add_mask_token(feat, mask_map, token, gamma=None):
 def vit_encode(vit, images, mask_map, token, layer):
     """The shared ViT's forward, with the token ADDED to hidden patch tokens after `layer` blocks (0 = on the
     patch embeddings, Sec. 2.3); [CLS] untouched. mask_map (B, gh, gw) bool -> (B, 1+N, D)."""
-    x = vit.patch_embed(images).flatten(2).transpose(1, 2)                 # (B, N, D)
-    add = mask_map.flatten(1)[..., None].to(x.dtype) * token.to(x.dtype)   # (B, N, D)
-    x = (x + add if layer == 0 else x) + vit.pos_embed(*mask_map.shape[1:]).to(x.dtype)
-    x = torch.cat([vit.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
+    x = vit.patch_embed(images).flatten(2).transpose(1, 2).float()         # (B, N, D) fp32 stream, as the ViT
+    add = mask_map.flatten(1)[..., None].float() * token.float()           # (B, N, D)
+    x = (x + add if layer == 0 else x) + vit.pos_embed(*mask_map.shape[1:])
+    x = torch.cat([vit.cls_token.expand(len(x), -1, -1).float(), x], dim=1)  # (B, 1+N, D)
     for i, blk in enumerate(vit.blocks):
         x = blk(x + F.pad(add, (0, 0, 1, 0)) if 0 < layer == i else x)   # zero row for [CLS]
     return vit.norm(x)
@@ -517,12 +526,13 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on biases, norms, gains and tokens (ndim < 2 or a *token parameter)."""
+def param_groups(model, weight_decay, skip=()):
+    """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
+    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+            (no_decay if p.ndim < 2 or name.rsplit(".", 1)[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -689,9 +699,11 @@ def train(cfg: Config):
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
     transform = common.mim_transform(cfg.data, cfg.img_size, scale=(0.67 if cfg.model in VIT_SIZES else 0.8, 1.0))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
+    steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
+    if steps_per_epoch == 0 or cfg.accum_iter < 1:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs x --accum_iter {cfg.accum_iter} must be >= 1 and "
+            f"at most the dataset ({len(dataset)} images)")
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
@@ -699,8 +711,8 @@ def train(cfg: Config):
     model = Model(cfg).to(device)
     if model.resnet and device.type == "cuda":  # SyncBN (PyTorch has none on CPU), NHWC convolutions
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device, memory_format=torch.channels_last)
-    lr = cfg.blr * cfg.batch_size * world / 256
-    groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay)  # no decay on 1-d, tokens
+    lr = cfg.blr * eff_batch / 256
+    groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay, skip=("cls_token",))
     gate = [model.mask_gamma] if model.mask_gamma is not None else []
     groups.append({"params": [model.mask_token] + (gate if cfg.gate_like_token else []),  # Sec. 5.1
                    "weight_decay": 0.0, "lr_scale": 0.1 if model.resnet else 1.0})
@@ -713,7 +725,8 @@ def train(cfg: Config):
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "save_every_min", "device", "compile")}
+                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
+                                                            "save_every_min", "device", "compile")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         model.load_state_dict(ckpt["model"])
@@ -733,7 +746,9 @@ def train(cfg: Config):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
-    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
+    log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
+              f"(the paper's ImageNet runs: 2048 = 8 GPUs x 256, ViT-B 8 x 128 x accum 2)"
+              f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
 
     fwd = torch.compile(model) if cfg.compile else model  # compile before DDP; we save `model`
@@ -750,9 +765,9 @@ def train(cfg: Config):
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     control, stop_now = RunControl(world, cfg.save_every_min), False  # SIGTERM / timed save, every step
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
-    epoch = step // steps_per_epoch
+    epoch, micro = step // steps_per_epoch, 0  # micro: micro-batches accumulated towards the next step
     while step < stop:
-        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for images, _ in loader:
             data_wait += time.time() - t_data
@@ -761,14 +776,20 @@ def train(cfg: Config):
             lr_now = lr_at(cfg, step, total, lr, warm, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step, total, lr * g.get("lr_scale", 1.0), warm, steps_per_epoch)
+            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
             with ctx:
                 loss, stats = fwd(images)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            micro = (micro + 1) % cfg.accum_iter
+            if micro:  # not yet the last micro-batch of this optimizer step
+                t_data = time.time()
+                continue
             if not model.resnet:  # the ViT recipes clip gradients at 5, the ResNet ones do not (Sec. 5)
                 nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            opt.zero_grad(set_to_none=True)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
@@ -783,7 +804,7 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
                     log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
                               f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
@@ -795,7 +816,7 @@ def train(cfg: Config):
                 if stop_now:
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
-            if step >= stop:
+            if step >= stop or step % steps_per_epoch == 0:  # an epoch's leftover micro-batches: unused
                 break
             t_data = time.time()
         if stop_now:
@@ -803,9 +824,11 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
-    imgs = (step - step0) * cfg.batch_size * world
+    imgs = (step - step0) * eff_batch
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
     if world > 1:

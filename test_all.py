@@ -229,6 +229,94 @@ def test_probe_end_to_end_and_cache(tmp_path):
 
 
 # ----------------------------------------------------------------------------
+# Validation split, online kNN, the study
+
+def test_val_split_is_the_train_tail_or_every_tenth_image():
+    assert common.val_split("fashion-mnist", 60000) == (list(range(50000)), list(range(50000, 60000)))
+    assert common.val_split("cifar100", 50000)[1][0] == 40000
+    assert common.val_split("fashion-mnist", 100) == (list(range(80)), list(range(80, 100)))  # small copy: a fifth
+    assert common.val_split("synthetic", 2000)[1] == list(range(1500, 2000))                  # as its test split
+    rest, val = common.val_split("imagenet", 25)                                              # class-sorted
+    assert val == [9, 19] and sorted(rest + val) == list(range(25))
+    with pytest.raises(SystemExit, match="too few"):
+        common.val_split("synthetic", 3)
+    val, rest = (common.build_dataset("synthetic", "", s, synthetic_size=40) for s in ("val", "probe-rest"))
+    assert len(val) == 10 and len(rest) == 30 and [val[i][1] for i in range(10)] == [i % 10 for i in range(30, 40)]
+
+
+@pytest.fixture
+def _tiny_synthetic(monkeypatch):
+    """Synthetic at 1/50 of its size: 40 train images (5 steps an epoch at batch 8), 10 test; a fresh kNN cache."""
+    real = common.Synthetic
+    monkeypatch.setattr(common, "Synthetic", lambda n, *a, **k: real(n // 50, *a, **k))
+    monkeypatch.setattr(common, "_knn_sets", {})
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_online_knn_keeps_the_training_stream_and_equals_eval_linear(method, tmp_path, capsys, _tiny_synthetic):
+    """--knn_every 1 after epochs 1 and 2: bitwise the same weights and RNG state as without it; `knn` lines
+    in log.txt and metrics.jsonl; the number eval_linear.py --split val gives for that checkpoint (the online
+    sets are below their cap here, so they are eval_linear's: 30 train images minus val, 10 val)."""
+    args = method_args(method) + ["--max_steps", "10"]
+    run_inprocess(method, args + ["--knn_every", "1"], tmp_path / "knn", capsys)
+    run_inprocess(method, args, tmp_path / "plain", capsys)
+    A, B = load_ckpt(tmp_path / "knn"), load_ckpt(tmp_path / "plain")
+    for k, v in A.items():
+        if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values()):
+            assert all(torch.equal(t, B[k][n]) for n, t in v.items()), k
+    assert A["step"] == 10 and torch.equal(A["rng"][0]["cpu"], B["rng"][0]["cpu"])
+    rows = [json.loads(line) for line in open(tmp_path / "knn" / "metrics.jsonl") if '"knn"' in line]
+    assert [(r["step"], r["epoch"], r["knn_val"], r["knn_bank"]) for r in rows] == [(5, 1.0, 10, 30), (10, 2.0, 10, 30)]
+    assert len(re.findall(r"^knn [\d.]+ \| step", open(tmp_path / "knn" / "log.txt").read(), re.M)) == 2
+    assert '"knn"' not in open(tmp_path / "plain" / "metrics.jsonl").read()
+    import eval_linear
+    res = eval_linear.main(["--ckpt", str(tmp_path / "knn" / "checkpoint.pt"), "--split", "val", "--epochs", "1",
+                            "--num_workers", "0"])
+    assert (res["n_train"], res["n_test"], res["split"]) == (30, 10, "val") and res["knn_top1"] == rows[-1]["knn"]
+
+
+def test_eval_linear_raw_pixels_and_its_errors(tmp_path, capsys):
+    import eval_linear
+    res = eval_linear.main(["--raw_pixels", "--data", "synthetic", "--epochs", "1", "--num_workers", "0",
+                            "--out_dir", str(tmp_path), "--split", "val"])
+    assert res["dim"] == 3 * 32 * 32 and (res["n_train"], res["n_test"]) == (1500, 500)
+    assert os.path.exists(tmp_path / "probe_synthetic_val.json")
+    for argv, hint in [(["--raw_pixels"], "pass --data"), ([], "pass --ckpt")]:
+        with pytest.raises(SystemExit, match=hint):
+            eval_linear.main(argv)
+
+
+def test_study_runs_end_to_end_and_writes_the_table_and_the_plot(tmp_path):
+    """results/study.py at a tiny budget: AMT and DTM each against its baseline, 2 epochs of 8 steps on a
+    64-image Fashion-MNIST copy, pico ViT, the workers in this process (--parallel 0): one row per run, the
+    random-init and raw-pixel rows, a PNG with both methods' colours."""
+    g = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 20)):
+        y = np.arange(n) % 10
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", g.integers(0, 120, (n, 28, 28)) + y[:, None, None] * 12)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", y)
+    import importlib.util
+    res, spec = tmp_path / "res", importlib.util.spec_from_file_location("study", os.path.join(HERE, "results", "study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = ["--data", "fashion-mnist", "--data_dir", str(tmp_path), "--epochs", "2", "--seeds", "0", "--methods", "amt",
+            "dtm", "--parallel", "0", "--probe_epochs", "2", "--out_dir", str(res), "--model", "vit_pico",
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--log_every", "4"]
+    assert study.main(argv) == 0
+    md = open(res / "fashion-mnist.md").read()
+    runs = re.findall(r"^\| (\w+-\w+-s0) \| 0 \| 16 \| 2\.00 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+                      md.split("## Every run")[1], re.M)
+    assert sorted(runs) == ["amt-baseline-s0", "amt-paper-s0", "dtm-baseline-s0", "dtm-paper-s0"], md
+    assert md.count("random init (same architecture)") == 2 and re.search(r"^\| raw pixels .*\| [\d.]+ \|$", md, re.M)
+    assert "baseline `--amt off`" in md and "baseline `--morph off`" in md and " ".join(argv) in md
+    for run in runs:  # logs kept, the online kNN after both epochs
+        assert open(res / "runs-fashion-mnist" / run / "metrics.jsonl").read().count('"knn"') == 2
+    png = Image.open(res / "fashion-mnist.png").convert("RGB")
+    colours = set(map(tuple, np.asarray(png).reshape(-1, 3).tolist()))
+    assert png.size == (1100, 620) and (255, 127, 14) in colours and (44, 160, 44) in colours
+
+
+# ----------------------------------------------------------------------------
 # The contract every method file keeps (parametrised over the method files present)
 
 # flags a method needs on top of TINY for a 4-step CPU run (e.g. a ViT instead of its default backbone)
@@ -303,10 +391,17 @@ def test_train_resume_finish_probe(method, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", PRESENT)
 def test_torchrun_two_processes(method, tmp_path):
+    """2 ranks x 2 micro-batches of 4 (gradients all-reduced on the second only)."""
+    a = method_args(method) + ["--max_steps", "3"]
     # a timed checkpoint every step: all ranks must agree on when to save (it gathers their RNG states)
-    r = run_torchrun(f"{method}.py", method_args(method) + ["--max_steps", "3", "--save_every_min", "1e-9"], tmp_path)
+    r = run_torchrun(f"{method}.py", a + ["--batch_size", "4", "--accum_iter", "2", "--save_every_min", "1e-9"],
+                     tmp_path / "accum")
     assert "device cpu x 2" in r.stdout and re.search(r"^summary \| .*steps 3", r.stdout, re.M)
-    assert load_ckpt(tmp_path)["step"] == 3
+    assert "effective batch 16 = 4 x 2 GPUs x accum 2" in r.stdout and load_ckpt(tmp_path / "accum")["step"] == 3
+    if method == "extrema":  # = 2 ranks x 8 (each rank draws its masks row by row from its own stream): ~3e-5
+        # apart (Adam's eps on the key biases' rounding-noise gradients), ~7e-3 without the last all-reduce
+        run_torchrun(f"{method}.py", a, tmp_path / "big")
+        assert max_param_diff(load_ckpt(tmp_path / "accum")["model"], load_ckpt(tmp_path / "big")["model"]) < 2e-4
 
 
 def test_eval_linear_under_torchrun_matches_one_process(tmp_path, capsys):
@@ -385,7 +480,7 @@ def test_bad_input_never_loses_a_checkpoint(method, tmp_path, capsys):
 BAD_SHARED = {"data": ["mnist"], "model": ["vit_huge"], "img_size": ["0"], "patch_size": ["0"], "epochs": ["0"],
               "max_steps": ["-1"], "batch_size": ["0"], "blr": ["nan"], "weight_decay": ["-1"], "warmup_epochs": ["inf"],
               "num_workers": ["-1"], "seed": ["-1"], "compile": ["maybe"], "log_every": ["0"], "device": ["tpu"],
-              "vis_every": ["-1"], "save_every_min": ["-5"]}
+              "vis_every": ["-1"], "save_every_min": ["-5"], "accum_iter": ["0"], "knn_every": ["-1"]}
 BAD_METHOD = {
     "attmask": {"mask_mode": ["middle"], "pred_ratio": ["1.5"], "pred_ratio_var": ["-0.1"], "masking_prob": ["2"],
                 "show_max": ["-1"], "local_crops": ["-1"], "local_size": ["18"], "out_dim": ["0"], "head_hidden": ["0"],
@@ -674,6 +769,138 @@ def test_readme_quick_start_is_three_commands_that_fit_together():
         cfg = importlib.import_module(m).parse_config([])
         steps = cfg.epochs * (2000 // cfg.batch_size)  # the synthetic set has 2000 images
         assert cfg.data == "synthetic" and steps <= 160 and 0 < cfg.vis_every <= steps, (m, steps)
+
+
+# ----------------------------------------------------------------------------
+# Precision, weight-decay groups and gradient accumulation (all five)
+
+def _stream_dtypes(blocks, run):
+    """Run `run()` under CPU bf16 autocast; return the dtypes of every block's tensor inputs and outputs, and
+    of the first block's last Linear output (which must be bf16: the matmuls still run in half precision)."""
+    seen, lin = set(), []
+    def hook(mod, args, out):
+        seen.update(t.dtype for t in [*args, *(out if isinstance(out, tuple) else [out])] if torch.is_tensor(t))
+    hooks = [b.register_forward_hook(hook) for b in blocks]
+    first = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)][-1]
+    hooks.append(first.register_forward_hook(lambda m, a, o: lin.append(o.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run()
+    for h in hooks:
+        h.remove()
+    return seen, lin[0]
+
+
+def test_residual_stream_is_fp32_under_bf16_autocast():
+    """The official models add an fp32 position table, so their residual stream (and LayerNorm inputs) is fp32
+    under autocast: so is ours, in every method's blocks (shared ViT, AMT decoder, ExtreMA class attention,
+    A2MIM's token injection, DTM's CLIP tower), while the Linear layers still compute in bf16."""
+    torch.manual_seed(0)
+    x, B = torch.randn(2, 3, 32, 32), 2
+    m = amt.Model(amt.parse_config(TINY))
+    cases = {"amt": ([*m.encoder.blocks, *m.decoder], lambda: m(x, torch.ones(B, 64), 28, 26))}
+    a = am.Model(_attmask_tiny_cfg("--local_crops", "2", "--local_size", "16"))
+    cases["attmask"] = ([*a.student.blocks, *a.teacher.blocks], lambda: a([x, x, x[:, :, :16, :16]], 0, 0))
+    d = dtm.Model(_dtm_tiny_cfg())
+    cases["dtm"] = (list(d.encoder.blocks), lambda: d(x, d.targets(x)))
+    sd = _dtm_openai_state_dict(width=64)
+    clip = dtm.CLIPVisual({k[7:]: v for k, v in sd.items() if k.startswith("visual.")})
+    cases["dtm clip"] = (list(clip.blocks), lambda: clip(torch.randn(B, 3, 56, 56)))
+    v = a2mim.Model(_a2mim_cfg_of("--model", "vit_pico", "--mask_layer", "1"))
+    cases["a2mim"] = (list(v.encoder.blocks), lambda: v(x))
+    e = ex.Model(_extrema_tiny_cfg(num_masks=2))
+    cases["extrema"] = ([*e.encoder.blocks, *e.encoder.blocks_token], lambda: e(x, torch.randn(B, 256)))
+    for name, (blocks, run) in cases.items():
+        dtypes, linear = _stream_dtypes(blocks, run)
+        assert dtypes == {torch.float32} and linear == torch.bfloat16, (name, dtypes, linear)
+
+
+# no weight decay beyond the 1-d tensors (biases, norms, gains), as each official code's optimizer groups
+WD_EXEMPT = {"amt": set(),                             # timm add_weight_decay without a skip list
+             "attmask": set(),                         # DINO/iBOT get_params_groups: ndim >= 2 decayed
+             "dtm": {"encoder.cls_token"},             # BEiT v2: pos_embed, cls_token (mask token decayed)
+             "a2mim": {"encoder.cls_token", "mask_token"},  # ViT config: + pos_embed, mask_token (0.1x lr group)
+             "extrema": {"encoder.cls_token"}}         # no_weight_decay() = {pos_embed, cls_token}
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_weight_decay_groups_follow_each_official_code(method, tmp_path, monkeypatch):
+    """What train() hands to AdamW: the decayed / exempt split by parameter name, against the spec."""
+    mod, built, groups = importlib.import_module(method), [], []
+
+    class Recorded(mod.Model):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
+
+    def adamw(params, weight_decay=0.01, **kw):
+        groups.extend({**g, "weight_decay": g.get("weight_decay", weight_decay)} for g in params)
+        raise KeyboardInterrupt  # stop train() right there
+
+    monkeypatch.setattr(mod, "Model", Recorded)
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    args = method_args(method) + (["--model", "vit_pico"] if method == "a2mim" else [])
+    with pytest.raises(KeyboardInterrupt):
+        mod.train(mod.parse_config(args + ["--out_dir", str(tmp_path)]))
+    names = {id(p): n for n, p in built[0].named_parameters() if p.requires_grad}
+    exempt = [names.pop(id(p)) for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    decayed = [names.pop(id(p)) for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert not names, names                            # every trainable tensor in exactly one group
+    model = dict(built[0].named_parameters())
+    assert set(exempt) == {n for n in exempt + decayed if model[n].ndim < 2} | WD_EXEMPT[method]
+    tokens = {n for n in exempt + decayed if n.endswith("token")}
+    assert tokens and tokens - WD_EXEMPT[method] <= set(decayed), tokens
+
+
+# settings under which an optimizer step over accum_iter micro-batches is exactly one bigger batch: the same
+# images and crops (seeded per sample), masks drawn row by row from the same stream (or fixed), no drop path,
+# nothing batch-level that sees a micro-batch (AttMask's centres frozen, A2MIM's batch spectrum off); each
+# header says what differs outside them
+ACCUM_EXACT = {"amt": ["--amt", "off"], "extrema": [], "dtm": ["--morph", "off"],
+               "attmask": ["--out_dim", "64", "--head_hidden", "32", "--local_crops", "2", "--drop_path", "0",
+                           "--center_momentum", "1", "--mask_mode", "attmask_high", "--masking_prob", "1"],
+               "a2mim": ["--model", "vit_pico", "--freq_weight", "0"]}
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_accum_iter_equals_a_bigger_batch(method, tmp_path, capsys, monkeypatch):
+    """3 optimizer steps of 2 micro-batches x 8 images == 3 steps of 16 images (weights, EMA teachers)."""
+    if method == "dtm":  # block masks are drawn per batch, attempt by attempt: one fixed mask for every image
+        monkeypatch.setattr(dtm, "block_mask", lambda B, gh, gw, n, *a: (torch.arange(gh * gw) < n).expand(B, -1))
+    if method == "a2mim":  # the SimMIM ViT's drop path 0.1 is not a flag
+        monkeypatch.setattr(a2mim.DropPath, "forward", lambda self, x: x)
+
+    class AdamW(torch.optim.AdamW):  # gradients that are 0 in exact arithmetic (key biases) are rounding noise,
+        def __init__(self, params, **kw):  # which Adam's 1e-8 eps turns into lr-sized steps: a wider eps here
+            super().__init__(params, **{**kw, "eps": 1e-3})
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    a = method_args(method) + ACCUM_EXACT[method] + ["--max_steps", "3"]
+    out = run_inprocess(method, a + ["--batch_size", "8", "--accum_iter", "2"], tmp_path / "accum", capsys)
+    assert "effective batch 16 = 8 x 1 GPUs x accum 2" in out and re.search(r"^summary \| .*steps 3 ", out, re.M)
+    run_inprocess(method, a + ["--batch_size", "16"], tmp_path / "big", capsys)
+    A, B = load_ckpt(tmp_path / "accum"), load_ckpt(tmp_path / "big")
+    states = [k for k, v in A.items() if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values())]
+    for k in states:
+        assert max_param_diff(A[k], B[k]) < 1e-6, k
+    if method == "amt":  # the comparison can fail: half the batch ends far away
+        run_inprocess(method, a + ["--batch_size", "8"], tmp_path / "small", capsys)
+        assert max_param_diff(A["model"], load_ckpt(tmp_path / "small")["model"]) > 1e-4
+    if method in ("amt", "extrema"):  # resume between optimizer steps: the data position counts micro-batches
+        acc = ["--batch_size", "8", "--accum_iter", "2"]
+        run_inprocess(method, a[:-1] + ["1"] + acc, tmp_path / "resumed", capsys)         # 1 step, then 2 more
+        assert "resumed" in run_inprocess(method, a + acc, tmp_path / "resumed", capsys)
+        C = load_ckpt(tmp_path / "resumed")
+        assert C["step"] == 3 and all(max_param_diff(A[k], C[k]) < 1e-6 for k in states)
+
+
+def test_imagenet_presets_give_each_papers_images_per_step_on_8_gpus():
+    """batch x 8 GPUs x accum_iter = the paper's images per step (AMT's official 4 x 128 x 8, A2MIM ViT-B 8 x 128
+    x 2, AttMask's 4 x 60)."""
+    want = {"amt": (4096, 4), "attmask": (240, 1), "dtm": (2048, 1), "a2mim": (2048, 1), "extrema": (2048, 1)}
+    for m in PRESENT:
+        cfg = importlib.import_module(m).parse_config(["--data", "imagenet"])
+        assert (cfg.batch_size * 8 * cfg.accum_iter, cfg.accum_iter) == want[m], m
+    vit = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])
+    assert (vit.batch_size, vit.accum_iter) == (128, 2)
 
 
 # ----------------------------------------------------------------------------
@@ -1878,7 +2105,7 @@ def test_extrema_loss_target_gradient_ema_and_schedules():
     assert ms[0] == pytest.approx(0.996) and ms[1] == pytest.approx(0.998) and ms[2] == pytest.approx(1.0)
     # weight decay split of ViT-S + 3-layer projector + 2-layer predictor: 66 decay / 135 not (spec check #10)
     big = ex.Model(ex.parse_config(["--model", "vit_small", "--proj_hidden", "32"]))
-    decay, no_decay = (len(g["params"]) for g in ex.param_groups(big, 0.1))
+    decay, no_decay = (len(g["params"]) for g in ex.param_groups(big, 0.1, skip=("cls_token",)))
     assert (decay, no_decay) == (66, 135)
 
 
