@@ -116,8 +116,17 @@ def check_config(cfg: Config):
         "mask_layer": c.at_least(0), "fill": c.one_of("mean", "zero"), "mask_gamma": c.at_least(0),
         "spatial_loss": c.one_of("focal_l1", "l1"), "freq_weight": c.at_least(0), "unmask_weight": c.at_least(0),
         "step_epoch": c.at_least(0)})
-    with torch.device("meta"):  # the model's own shape checks (cells vs strides, stage / block), no memory
-        Model(cfg)
+    if cfg.model in VIT_SIZES:
+        if cfg.img_size % cfg.patch_size:
+            die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; pick sizes that divide")
+        depth, inj = VIT_SIZES[cfg.model][1], cfg.patch_size
+    else:
+        with torch.device("meta"):  # the stage strides of this stem, no memory
+            depth, inj = 4, ResNet(cfg.model, cfg.img_size).strides[cfg.mask_layer % 4]
+    p, L = cfg.mask_patch, cfg.mask_layer
+    if cfg.img_size % p or p % inj or L not in range(depth):  # as Model checks it
+        die(f"--img_size {cfg.img_size} must be a multiple of --mask_patch {p}, that of the stride {inj} at "
+            f"--mask_layer {L}, and that in 0..{depth - 1} (ResNet: stage, ViT: blocks before the token)")
 
 # >>> shared: parse_config
 def parse_config(argv=None) -> Config:
@@ -153,8 +162,8 @@ def parse_config(argv=None) -> Config:
         recipe = ("cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else
                   "stl10" if size <= 160 else "folder")
         if not os.path.isdir(os.path.join(folder, "val")) and int(os.environ.get("RANK", 0)) == 0:
-            print(f"note: {folder} has no val/ folder: pre-training works, but eval_linear.py "
-                  "(and any online kNN) needs val/<class>/<images>")
+            print(f"note: {folder} has no val/ folder: pre-training and --knn_every work (val from train/), "
+                  "but eval_linear.py's test split needs val/<class>/<images> (or use its --split val)")
     cfg = Config(**{**preset(recipe, given), **given})
     if "knn_every" not in given and data not in ("synthetic", "imagenet", "folder"):  # small data: online kNN
         cfg.knn_every = max(1, cfg.epochs // 10)  # ten times a run, < 10% of its time

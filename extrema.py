@@ -154,8 +154,8 @@ def parse_config(argv=None) -> Config:
         recipe = ("cifar10" if size <= 48 else "tiny-imagenet" if size <= 80 else
                   "stl10" if size <= 160 else "folder")
         if not os.path.isdir(os.path.join(folder, "val")) and int(os.environ.get("RANK", 0)) == 0:
-            print(f"note: {folder} has no val/ folder: pre-training works, but eval_linear.py "
-                  "(and any online kNN) needs val/<class>/<images>")
+            print(f"note: {folder} has no val/ folder: pre-training and --knn_every work (val from train/), "
+                  "but eval_linear.py's test split needs val/<class>/<images> (or use its --split val)")
     cfg = Config(**{**preset(recipe, given), **given})
     if "knn_every" not in given and data not in ("synthetic", "imagenet", "folder"):  # small data: online kNN
         cfg.knn_every = max(1, cfg.epochs // 10)  # ten times a run, < 10% of its time

@@ -499,17 +499,17 @@ BAD_METHOD = {
                 "proj_hidden": ["0"], "proj_dim": ["0"], "ema_momentum": ["-0.1"], "color_aug": ["maybe"]},
 }
 CHECKED_ELSEWHERE = {"data_dir": "a missing folder: the CLI test below",
-                     "out_dir": "a file in its place: the CLI test below",
                      "morph_levels": "0: dtm.Model's morphing check, before anything is written",
                      "morph_k_max": "0: dtm.Model's morphing check, before anything is written",
                      "morph_n_max": "-1: dtm.Model's morphing check, before anything is written"}
 
 
 @pytest.mark.parametrize("method", PRESENT)
-def test_every_flag_out_of_range_is_a_one_line_error_at_parse_time(method):
+def test_every_flag_out_of_range_is_a_one_line_error_at_parse_time(method, tmp_path):
     mod = importlib.import_module(method)
     fields = [f.name for f in dataclasses.fields(mod.Config)]
-    bad = {**BAD_SHARED, **BAD_METHOD[method]}
+    (tmp_path / "taken").write_text("")
+    bad = {**BAD_SHARED, **BAD_METHOD[method], "out_dir": [str(tmp_path / "taken")]}  # a file, not a folder
     assert set(fields) == set(bad) | (set(CHECKED_ELSEWHERE) & set(fields)), "a field without an out-of-range case"
     for name, (value, *extra) in bad.items():
         with pytest.raises(SystemExit) as e:
@@ -521,9 +521,8 @@ def test_every_flag_out_of_range_is_a_one_line_error_at_parse_time(method):
 def test_bad_flags_from_the_command_line_exit_nonzero_without_traceback_or_files(tmp_path):
     """The same checks as a user meets them: exit code 1, one line on stderr, nothing written (no out/, no data/)."""
     (tmp_path / "taken").write_text("")
-    cases = [("attmask.py", ["--blr", "nan"], "--blr"), ("dtm.py", ["--max_steps", "-1"], "--max_steps"),
-             ("a2mim.py", ["--data", "imagenet", "--data_dir", "missing", "--model", "resnet_micro"], "--data_dir"),
-             ("extrema.py", ["--out_dir", "taken"], "--out_dir")]
+    cases = [("attmask.py", ["--blr", "nan"], "--blr"),
+             ("a2mim.py", ["--data", "imagenet", "--data_dir", "missing", "--model", "resnet_micro"], "--data_dir")]
     for script, args, flag in cases:
         r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path, env=ENV,
                            capture_output=True, text=True, timeout=120)
