@@ -591,6 +591,22 @@ def save_checkpoint(path, state):
     os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
 
 
+class resuming:
+    """`with resuming(path):` around a resume's load_state_dict calls: a checkpoint whose shapes no longer
+    fit these settings (another --model, head or decoder size) is one line, and it stays as it was."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is not None and issubclass(kind, (RuntimeError, ValueError, KeyError)):
+            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); resume with "
+                "the settings it was saved with (warning above) or pick a new --out_dir")
+
+
 def nonfinite_error(step, path):
     """The one-line error of a diverged run; it names the checkpoint only if one was written."""
     kept = f"{path} keeps the last good state" if os.path.exists(path) else "no checkpoint was written yet"
@@ -750,8 +766,9 @@ def train(cfg: Config):
                                                             "save_every_min", "device", "compile")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        with resuming(path):  # a checkpoint that no longer fits these settings: one line
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         if len(ckpt["rng"]) == world:
             torch.set_rng_state(ckpt["rng"][rank]["cpu"])

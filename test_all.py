@@ -423,8 +423,8 @@ def test_eval_linear_under_torchrun_matches_one_process(tmp_path, capsys):
 
 
 def test_sigterm_to_the_process_group_saves_and_exits(tmp_path):
-    """A scheduler's SIGTERM reaches the main process and its loader workers: the run saves at the next
-    log step and exits cleanly (all methods at once, each in its own process group)."""
+    """A scheduler's SIGTERM reaches the main process and its loader workers: the run saves after the
+    current step and exits cleanly (all methods at once, each in its own process group)."""
     import signal
     import time
     procs = {}
@@ -693,8 +693,11 @@ def test_no_misleading_state_after_a_failed_start_or_resume(method, tmp_path, ca
     assert not (tmp_path / "fail").exists() and not (tmp_path / "nowhere").exists()
     good = tmp_path / "good"
     run_inprocess(method, a + ["--max_steps", "2"], good, capsys)
-    before = (good / "config.json").read_text()
+    before, saved = (good / "config.json").read_text(), (good / "checkpoint.pt").read_bytes()
     assert json.loads(before)["max_steps"] == 2
+    with pytest.raises(SystemExit, match="does not fit these settings .*pick a new --out_dir$"):  # not a traceback
+        run_inprocess(method, a + ["--max_steps", "4", "--model", "vit_micro"], good, capsys)
+    assert (good / "checkpoint.pt").read_bytes() == saved and (good / "config.json").read_text() == before
     with pytest.raises(SystemExit, match="non-finite loss"):
         run_inprocess(method, a + ["--max_steps", "6", "--blr", "1e30"], good, capsys)
     assert (good / "config.json").read_text() == before
