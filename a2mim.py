@@ -572,8 +572,11 @@ def train(cfg: Config):
 
     # data: one RandomResizedCrop + flip view (scale from 0.67 for a ViT, 0.8 for a ResNet; Sec. 5)
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
-    transform = common.mim_transform(cfg.data, cfg.img_size, scale=(0.67 if cfg.model in VIT_SIZES else 0.8, 1.0))
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
+    scale = (0.67 if cfg.model in VIT_SIZES else 0.8, 1.0)                    # crops resize bilinear (official)
+    transform = common.mim_transform(cfg.data, cfg.img_size, scale=scale, interpolation="bilinear")
+    batched = common.BatchCrop(cfg.data, cfg.img_size, scale=scale, interpolation="bilinear")
+    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
+                                batched=batched, device=device)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
         die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")

@@ -562,9 +562,11 @@ def train(cfg: Config):
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
     transform = common.CropWithBox(cfg.data, cfg.img_size, scale=(0.2, 1.0))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
-                                with_index=True)
+                                with_index=True, batched=common.BatchCrop(cfg.data, cfg.img_size, with_box=True),
+                                device=device)
     squash = T.Compose([T.Resize((cfg.img_size,) * 2), T.ToTensor(), common.normalize(cfg.data)])  # refresh pass:
     # the whole image squashed to a square, bilinear (official update_mask loader: Resize((224, 224)))
+    squash_batched = common.BatchEval(cfg.data, cfg.img_size, squash=True)  # the same, for in-memory sets
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
         die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
@@ -631,7 +633,7 @@ def train(cfg: Config):
         if due is not None and store_epoch != due:  # fresh maps from the current encoder
             t0 = time.time()
             w, _ = common.extract(Encoder(model.encoder, attention=True), dataset, squash, cfg.batch_size, device,
-                                  cfg.num_workers)  # (n_images, N), dataset order; rank-sharded and gathered
+                                  cfg.num_workers, batched=squash_batched)  # (n_images, N), dataset order; rank-sharded and gathered
             store, store_epoch = w.half().view(len(dataset), *(model.encoder.grid,) * 2), due  # fp16 on CPU
             model.train()
             log.print(f"attention store: {len(dataset)} maps after epoch {due} in {time.time() - t0:.1f} s")

@@ -586,9 +586,10 @@ def train(cfg: Config):
 
     # data: 2 global + L local crops; milder blur at <= 64 px, where it wipes the image out (spec 5.4)
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
-    transform = common.MultiCrop(cfg.data, cfg.img_size, cfg.local_size, cfg.local_crops,
-                                 blur=(1.0, 0.1, 0.5) if cfg.img_size > 64 else (0.5, 0.1, 0.2))
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
+    crops = (cfg.data, cfg.img_size, cfg.local_size, cfg.local_crops)
+    blur = (1.0, 0.1, 0.5) if cfg.img_size > 64 else (0.5, 0.1, 0.2)
+    loader = common.make_loader(dataset, common.MultiCrop(*crops, blur=blur), cfg.batch_size, True, cfg.seed, rank,
+                                world, cfg.num_workers, batched=common.BatchMultiCrop(*crops, blur=blur), device=device)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
         die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")

@@ -656,7 +656,9 @@ def train(cfg: Config):
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
     transform = common.mim_transform(cfg.data, cfg.img_size, scale=(0.2, 1.0))
     transform.transforms.insert(0, ColorJitter(0.4, 0.4, 0.4))
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
+    batched = common.BatchCrop(cfg.data, cfg.img_size, scale=(0.2, 1.0), source_jitter=(0.4, 0.4, 0.4, 0.0))
+    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
+                                batched=batched, device=device)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
         die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")

@@ -568,9 +568,13 @@ def train(cfg: Config):
     # data: one crop + flip for both branches; colour jitter drawn per branch, or one tensor for both
     check_masks((cfg.img_size // cfg.patch_size) ** 2, cfg.num_masks, cfg.mask_ratio)  # fail before any work
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
-    transform = (common.SharedCropTwoColors(cfg.data, cfg.img_size, scale=(0.2, 1.0)) if cfg.color_aug
-                 else common.mim_transform(cfg.data, cfg.img_size, scale=(0.2, 1.0)))
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
+    crop = dict(scale=(0.2, 1.0), interpolation="bilinear")                # bilinear crops, as official
+    transform = (common.SharedCropTwoColors(cfg.data, cfg.img_size, **crop) if cfg.color_aug
+                 else common.mim_transform(cfg.data, cfg.img_size, **crop))
+    batched = (common.BatchSharedCropTwoColors(cfg.data, cfg.img_size, **crop) if cfg.color_aug
+               else common.BatchCrop(cfg.data, cfg.img_size, **crop))
+    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
+                                batched=batched, device=device)
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
         die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
