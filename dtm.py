@@ -80,6 +80,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     # <<< shared: config
     teacher: str = "ema"           # clip (paper: OpenAI CLIP ViT-B/16) | ema (momentum copy) | random (tests)
     teacher_ckpt: str = ""         # --teacher clip: local OpenAI file (ViT-B-16.pt archive or a state dict)
@@ -641,6 +642,35 @@ _stop_signal = []  # set by SIGTERM: save and leave at the next log step
 
 def _on_sigterm(signum, frame):
     _stop_signal.append(signum)
+
+# dense bf16 tensor-core peak of one GPU in TFLOP/s (vendor sheets), the first name fragment that matches
+PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362),
+                    ("RTX 4090", 165), ("L4", 121)]
+
+
+def count_flops(modules, loss_fn, ctx):
+    """FLOPs of one training step, loss_fn(*copies) -> loss, forward + backward, counted on deep copies of
+    `modules` with the RNG streams forked: the real weights, buffers, gradients and streams stay untouched."""
+    import copy
+    from torch.utils.flop_counter import FlopCounterMode
+    copies = copy.deepcopy(modules)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        with ctx:
+            loss = loss_fn(*copies)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def flops_summary(flops, steps, seconds, device, peak_tflops=0.0):
+    """' | X TFLOP/s' achieved per GPU and, on CUDA, ' | MFU Y%' against the dense bf16 peak."""
+    tflops = flops * steps / max(seconds, 1e-9) / 1e12
+    out = f" | {tflops:.3g} TFLOP/s"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = peak_tflops or next((p for key, p in PEAK_BF16_TFLOPS if key in name), 0)
+        out += f" | MFU {100 * tflops / peak:.1f}%" if peak else f" | MFU unknown for {name} (set --peak_tflops)"
+    return out
 # <<< shared: runtime
 
 
@@ -677,7 +707,7 @@ def train(cfg: Config):
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile")}
+                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         model.load_state_dict(ckpt["model"])
@@ -772,8 +802,10 @@ def train(cfg: Config):
 
     wall = time.time() - t_start
     imgs = (step - step0) * cfg.batch_size * world
+    flops = count_flops((model,), lambda m: m(images, m.targets(images))[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
-              f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
+              f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
+              + flops_summary(flops, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()
 
