@@ -19,6 +19,8 @@ Deviations from the official code:
   - bf16 autocast on CUDA (R50 configs: fp32), losses in fp32. SyncBN on CUDA only (PyTorch has no CPU one).
     The ResNet gate gets 0.1x lr and no decay like the token (the 100-epoch config's choice). The small-image
     recipes (resnet18 with CIFAR stem, vit_tiny/4, 4-px cells) are the spec's proposal, not the paper's.
+  - Crops resize bilinear as official; in-memory sets (all but ImageNet and large folders) are cropped in
+    batches on the device (common.py: roi_align, area-averaged when a box shrinks, like PIL's antialiasing).
 Run: python a2mim.py --data synthetic --max_steps 50 | python a2mim.py --data cifar10 [--model vit_tiny]
      torchrun --nproc_per_node=8 a2mim.py --data imagenet --data_dir /path/to/imagenet [--model vit_base]
 SimMIM-like baseline: --freq_weight 0, and for a ViT also --mask_layer 0 --fill zero."""

@@ -23,6 +23,9 @@ Deviations from the official code:
 - the draw sorts w / Exp(1) keys (bitwise what torch.multinomial does on CPU); a map with no positive
   weight is drawn uniformly and a constant head gives zeros, where the official code fails or gives NaN;
 - bf16 autocast on CUDA, not fp16 + GradScaler; no gradient accumulation; the refresh batch is --batch_size.
+- in-memory sets (all but ImageNet and large folders) are cropped in batches on the device (common.py):
+  bicubic by grid sampling (cubic a = -0.75, PIL's -0.5), a box larger than the output bilinear with area
+  averaging (no batched antialiased bicubic); the refresh resize is antialiased bilinear on the batch.
 
 Run:
     python amt.py --data synthetic --max_steps 50                    # CPU smoke run, AMT from epoch 1

@@ -22,6 +22,10 @@ Deviations from the official code:
     schedule for [CLS] and patches (equal in the paper runs); probe: the teacher's last 4 [CLS];
   - fixed: the mask grid follows the input size (official: 224 // patch); the encoder returns features
     only (official eval paths get a (features, attention) pair).
+  - in-memory sets (all but ImageNet and large folders): multi-crop in batches on the device (common.py),
+    bicubic by grid sampling (cubic a = -0.75, PIL's -0.5), a box larger than its output (local crops of
+    big images) bilinear with area averaging; colour ops in float (no uint8 rounding between them); the
+    blur a true Gaussian with sigma = DINO's radius (PIL approximates it with box filters).
 
 Run:
     python attmask.py --data synthetic --max_steps 50                      # CPU smoke run

@@ -22,7 +22,10 @@ Deviations from the official code:
   in a row kept; >99% of images stop by then), topped up to the exact count as in BEiT v2;
 - one n_max, k_max for both levels (code defaults n1 = n2, k1 = k2); no gradient accumulation (the
   official one drops gradients); a CLIP teacher gets the student's crop and normalisation (ImageNet's at
-  --data imagenet, as official), resized to 224 px, tokens average-pooled to the student grid (Sec. 2.3).
+  --data imagenet, as official), resized to 224 px, tokens average-pooled to the student grid (Sec. 2.3);
+- in-memory sets (all but ImageNet and large folders): colour jitter (before the crop, as official) and
+  bicubic crops in batches on the device (common.py): grid sampling (cubic a = -0.75, PIL's -0.5), a box
+  larger than the output bilinear with area averaging (no batched antialiased bicubic).
 Where the paper's text differs the code is followed: even/odd split with token 0 protected (not random),
 tokens to remove sampled (not groups left), 0/1 groups divided by size (= the paper's row-normalised
 matrices), loss over the N broadcast positions (a group of m counts m times).

@@ -17,7 +17,9 @@ Differs from the others in:
 Deviations from the official code:
   - N comes from image and patch size (the official mask code hard-codes 196); masks that cannot be disjoint
     (num_masks * visible > N) are a one-line error instead of a crash inside a concatenation;
-  - bf16 autocast instead of fp16 + GradScaler; crops resize bicubic, not bilinear (common.py);
+  - bf16 autocast instead of fp16 + GradScaler; crops resize bilinear as official; in-memory sets (all but
+    ImageNet and large folders) are cropped and coloured in batches on the device (common.py: roi_align,
+    area-averaged when a box shrinks, like PIL's antialiasing; colour ops in float, no uint8 rounding);
   - the EMA update runs at the top of the training step, not inside forward: same order, same values;
   - the sin-cos table is a non-persistent buffer, not a frozen parameter; the patch embedding is
     `patch_embed.weight` (official `patch_embed.proj.weight`); the other parameter names match;
