@@ -463,29 +463,32 @@ def hue_shift(x, shift):
     c = v - x.min(1).values                                                  # chroma
     r, g, b = x.unbind(1)
     d = torch.where(vi == 0, g - b, torch.where(vi == 1, b - r, r - g))     # hue sector offset x chroma
-    h = (d / torch.where(c > 0, c, 1.0) + 2 * vi) / 6                        # (B, H, W) hue, a turn = 1
-    h = torch.remainder(h + shift[:, None, None], 1.0)
+    h6 = d / torch.where(c > 0, c, 1.0) + 2 * vi + 6 * shift[:, None, None]  # (B, H, W) new hue, a turn = 6
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)     # the r, g, b phases
-    k = torch.remainder(n + 6 * h[:, None], 6)                               # (B, 3, H, W)
+    k = torch.remainder(n + h6[:, None], 6)                                  # (B, 3, H, W)
     return v[:, None] - c[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
 def color_jitter(x, u, brightness, contrast, saturation, hue):
     """torchvision's ColorJitter with per-image factors and order, from u (B, 8): the order of the four ops
     is a random permutation per image (argsort of 4 uniforms), factors ~ U(1 -+ a), hue shift ~ U(-+ hue).
-    Brightness, contrast and saturation blend towards black, the mean grey level, the grey image."""
+    Brightness, contrast and saturation blend towards black, the mean grey level, the grey image. The costly
+    hue op runs once: first every image's blends that come before its hue, then the hue, then the rest."""
     order = u[:, :4].argsort(1)                                               # (B, 4)
+    hue_at = (order == 3).int().argmax(1)                                     # (B,) the hue op's place
     amp = torch.tensor([brightness, contrast, saturation], device=x.device)
     factor = 1 + (2 * u[:, 4:7] - 1) * amp                                    # (B, 3)
-    shift = (2 * u[:, 7] - 1) * hue                                           # (B,)
-    for stage in range(4):
-        op = order[:, stage, None, None, None]                                # (B, 1, 1, 1)
-        g = gray(x)                                                           # (B, 1, H, W)
-        toward = torch.where(op == 0, 0.0, torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), g))
-        f = factor.gather(1, op.view(-1, 1).clamp(max=2)).view(-1, 1, 1, 1)
-        x = torch.where(op < 3, (f * x + (1 - f) * toward).clamp(0, 1), x)
-        if hue:
-            x = torch.where(op == 3, hue_shift(x, shift), x)
+    for before in (True, False):
+        for stage in range(3) if before else range(1, 4):
+            op = order[:, stage]                                              # (B,)
+            now = (op < 3) & ((stage < hue_at) if before else (stage > hue_at))
+            g = gray(x)                                                       # (B, 1, H, W)
+            op = op.view(-1, 1, 1, 1)
+            toward = torch.where(op == 0, 0.0, torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), g))
+            f = torch.where(now, factor.gather(1, op.view(-1, 1).clamp(max=2))[:, 0], 1.0).view(-1, 1, 1, 1)
+            x = torch.lerp(toward, x, f).clamp_(0, 1)                         # f x + (1 - f) toward; x at f = 1
+        if before and hue:
+            x = hue_shift(x, (2 * u[:, 7] - 1) * hue)
     return x
 
 
@@ -690,7 +693,8 @@ class MemoryLoader:
         self.seed, self.device, self.with_index, self.drop_last = seed, device, with_index, drop_last
 
     def __len__(self):
-        return len(self.sampler) // self.batch_size if self.drop_last else math.ceil(len(self.sampler) / self.batch_size)
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
         keys = self.sampler.keys()                                           # (n_rank,) on the CPU

@@ -268,10 +268,9 @@ def test_batched_colour_ops_equal_torchvision_functional():
     order, f = u[:, :4].argsort(1), 1 + (2 * u[:, 4:7] - 1) * torch.tensor([0.4, 0.4, 0.2])
     got = common.color_jitter(x, u, 0.4, 0.4, 0.2, 0.1)
     for b in range(4):
-        y = x[b]
+        y, ops = x[b], [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
         for op in order[b].tolist():
-            y = [lambda y: TF.adjust_brightness(y, f[b, 0].item()), lambda y: TF.adjust_contrast(y, f[b, 1].item()),
-                 lambda y: TF.adjust_saturation(y, f[b, 2].item()), lambda y: TF.adjust_hue(y, (2 * u[b, 7] - 1).item() * 0.1)][op](y)
+            y = ops[op](y, f[b, op].item() if op < 3 else (2 * u[b, 7] - 1).item() * 0.1)
         assert (got[b] - y).abs().max() < 1 / 255, b
     assert (common.gray(x).expand_as(x) - TF.rgb_to_grayscale(x, 3)).abs().max() < 1e-6
     shift = torch.tensor([0.3, -0.45, 0.0, 0.9])
@@ -321,8 +320,9 @@ def test_memory_loader_is_independent_of_batch_rank_and_resume():
 def test_memory_images_rules_and_batched_eval(tmp_path):
     for name, sizes in [("small", [12] * 4), ("big", [120] * 4), ("mixed", [12, 12, 12, 10])]:
         for k, size in enumerate(sizes):                                     # folder sets: small ones in memory
-            os.makedirs(tmp_path / name / "train" / "ab"[k % 2], exist_ok=True)
-            Image.new("RGB", (size, size), (40 * k, 90, 9)).save(tmp_path / name / "train" / "ab"[k % 2] / f"{k}.png")
+            d = tmp_path / name / "train" / "ab"[k % 2]
+            os.makedirs(d, exist_ok=True)
+            Image.new("RGB", (size, size), (40 * k, 90, 9)).save(d / f"{k}.png")
     folder = lambda name, data="folder": common.memory_images(common.build_dataset(data, str(tmp_path / name), True))
     assert folder("small").images.shape == (4, 12, 12, 3) and folder("small").labels.tolist() == [0, 0, 1, 1]
     assert folder("big") is None and folder("mixed") is None and folder("small", "imagenet") is None
