@@ -746,10 +746,10 @@ def train(cfg: Config):
         checkpoint(epoch)
 
     wall = time.time() - t_start
-    imgs = (step - step0) * cfg.batch_size * world
+    imgs, peak = (step - step0) * cfg.batch_size * world, peak_memory_gb(device)
     flops = count_flops((model,), lambda m: m(crops, step - 1, epoch)[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
-              f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
+              f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
               + flops_summary(flops, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()

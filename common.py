@@ -184,7 +184,7 @@ class MemoryImages:
     to(cuda) puts it on the GPU when it takes under a quarter of the free memory, else in pinned host memory."""
 
     def __init__(self, images, labels):
-        self.images = torch.as_tensor(images if images.ndim == 4 else images[..., None])  # (n, H, W, C)
+        self.images = torch.as_tensor(np.ascontiguousarray(images if images.ndim == 4 else images[..., None]))
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.n, self.H, self.W = self.images.shape[:3]
 
@@ -225,8 +225,8 @@ def memory_images(ds):
         mem = _small_folder(ds)
     else:
         return None
-    if key and mem is not None:
-        _MEMORY[key] = mem
+    if key:
+        _MEMORY[key] = mem  # None too: a set that does not fit is not decoded again
     return mem
 
 
