@@ -482,10 +482,10 @@ def color_jitter(x, u, brightness, contrast, saturation, hue):
         for stage in range(3) if before else range(1, 4):
             op = order[:, stage]                                              # (B,)
             now = (op < 3) & ((stage < hue_at) if before else (stage > hue_at))
+            f = torch.where(now, factor.gather(1, op[:, None].clamp(max=2))[:, 0], 1.0).view(-1, 1, 1, 1)
+            is_c, is_s = ((op == k).to(x.dtype).view(-1, 1, 1, 1) for k in (1, 2))
             g = gray(x)                                                       # (B, 1, H, W)
-            op = op.view(-1, 1, 1, 1)
-            toward = torch.where(op == 0, 0.0, torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), g))
-            f = torch.where(now, factor.gather(1, op.view(-1, 1).clamp(max=2))[:, 0], 1.0).view(-1, 1, 1, 1)
+            toward = torch.addcmul(g.mean((1, 2, 3), keepdim=True) * is_c, g, is_s)  # black / mean grey / grey
             x = torch.lerp(toward, x, f).clamp_(0, 1)                         # f x + (1 - f) toward; x at f = 1
         if before and hue:
             x = hue_shift(x, (2 * u[:, 7] - 1) * hue)
