@@ -13,12 +13,18 @@ Deviations from the official code:
   - ViT: the shared ViT (fixed sin-cos positions, xavier init), not SimMIM's learnable positions + relative
     position bias (layer scale 0.1, drop path 0.1 kept). "vit_small" is DeiT-S, NOT openmixup's 768-d/8-block
     "ViT-S". --mask_layer counts blocks before the token: official l >= 1 is our l - 1 (official 0 and 1 are
-    the same function, as token and positions are both added). ViT-B: 256/GPU, no accumulation (128 x 2).
+    the same function, as token and positions are both added). ViT-B: 8 GPUs x 128 x --accum_iter 2, as the
+    config (openmixup accumulates the same way: a loss per micro-batch, divided, summed gradients).
   - Masks are drawn per batch on the device with torch's RNG, not NumPy in loader workers (same distribution,
     no identical mask streams in forked workers: spec pitfall 14). The PIL-branch fill bug is not ported.
   - bf16 autocast on CUDA (R50 configs: fp32), losses in fp32. SyncBN on CUDA only (PyTorch has no CPU one).
-    The ResNet gate gets 0.1x lr and no decay like the token (the 100-epoch config's choice). The small-image
-    recipes (resnet18 with CIFAR stem, vit_tiny/4, 4-px cells) are the spec's proposal, not the paper's.
+    The ResNet gate: base lr and decay at ImageNet (300 epochs, as the 300-epoch config); the small recipes
+    keep the 100-epoch config's 0.1x lr, no decay (--gate_like_token). The small-image recipes (resnet18
+    with CIFAR stem, vit_tiny/4, 4-px cells) are the spec's proposal, not the paper's.
+  - The frequency loss compares batch-MEAN spectra over each GPU's micro-batch (and a ResNet's BatchNorm
+    sees one micro-batch), so it depends on the per-GPU batch, not only on the effective one, and
+    --accum_iter is not exactly a bigger batch: the ViT-B preset averages the official 128 images (x accum 2);
+    256 per GPU would average 256 (more errors cancel in the mean: typically a smaller loss): not the same loss.
   - Crops resize bilinear as official; in-memory sets (all but ImageNet and large folders) are cropped in
     batches on the device (common.py: roi_align, area-averaged when a box shrinks, like PIL's antialiasing).
 Run: python a2mim.py --data synthetic --max_steps 50 | python a2mim.py --data cifar10 [--model vit_tiny]
@@ -59,7 +65,8 @@ class Config:
     patch_size: int = 0            # ViT patch size in pixels; preset picks
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 0            # images per GPU per step; preset picks
+    batch_size: int = 0            # images per GPU per micro-batch; preset picks
+    accum_iter: int = 1            # micro-batches per optimizer step (MAE): batch x GPUs x this images a step
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
@@ -69,6 +76,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     # <<< shared: config
     mask_patch: int = 32           # cell side in pixels (32 at 224 px; 4 at 32 px); defaults: ResNet recipe
@@ -76,6 +84,8 @@ class Config:
     mask_layer: int = 3            # ResNet: token at the input of stage k+1 (3 = layer4); ViT: after l blocks
     fill: str = "mean"             # hidden pixels: "mean" (per-image channel mean) or "zero" (baseline)
     mask_gamma: float = 1e-6       # ResNet per-channel gate on hidden features, initial value (0 = none)
+    gate_like_token: bool = True   # ResNet gate as the token: 0.1x lr, no decay (100-epoch config);
+                                   # False: base lr, decayed (300-epoch config, the ImageNet preset)
     spatial_loss: str = "focal_l1" # "focal_l1" (ResNet: e*tanh(0.1e)) or "l1" (ViT)
     freq_weight: float = 0.5       # lambda of the frequency loss (ResNet 0.5, ViT 0.1; 0 = baseline)
     unmask_weight: float = 1e-3    # live-prediction share of visible pixels in the FFT input (ResNet 1e-3)
@@ -83,15 +93,15 @@ class Config:
 
 
 def preset(data: str, given: dict) -> dict:
-    """ResNet or ViT recipe by --model. ImageNet: the released configs (lr 1.2e-3 / 4e-4 at 8 x 256 = 2048);
-    small data: the spec's scaled recipe (lr 1.2e-3 / 5e-4 at 512); synthetic: CPU smoke size."""
+    """ResNet or ViT recipe by --model. ImageNet: the released configs (lr 1.2e-3 / 4e-4 at 2048 = 8 x 256 or,
+    ViT-B, 8 x 128 x accum 2); small data: the spec's scaled recipe (lr 1.2e-3 / 5e-4 at 512); synthetic: CPU smoke."""
     vit = given.get("model", "") in VIT_SIZES
     fam = dict(spatial_loss="l1", freq_weight=0.1, unmask_weight=0.0, mask_layer=0, mask_gamma=0.0) if vit else {}
     small = dict(fam, model="vit_tiny" if vit else "resnet18", img_size=32, patch_size=4, mask_patch=4, epochs=200,
                  batch_size=512, blr=2.5e-4 if vit else 6e-4, weight_decay=0.05, warmup_epochs=10)
-    big = (dict(model="vit_base", epochs=800, blr=5e-5, step_epoch=700.0) if vit else
-           dict(model="resnet50", epochs=300, blr=1.5e-4))
-    imnet = dict(small, img_size=224, patch_size=16, mask_patch=32, batch_size=256, **big)
+    big = (dict(model="vit_base", epochs=800, blr=5e-5, step_epoch=700.0, batch_size=128, accum_iter=2) if vit else
+           dict(model="resnet50", epochs=300, blr=1.5e-4, batch_size=256, gate_like_token=False))  # the 300-epoch
+    imnet = dict(small, img_size=224, patch_size=16, mask_patch=32, **big)  # config; both 2048 a step on 8 GPUs
     return {"imagenet": imnet, "folder": {**imnet, "model": "vit_small" if vit else "resnet50"},
             "cifar10": small, "cifar100": small, "fashion-mnist": small,
             "stl10": {**small, "img_size": 96, "patch_size": 8, "mask_patch": 16},
@@ -125,6 +135,8 @@ def parse_config(argv=None) -> Config:
     if data not in common.DATASETS:
         die(f"unknown --data {data}; choose one of {', '.join(common.DATASETS)}")
     cfg = Config(**{**preset(data, given), **given})
+    if "knn_every" not in given and data not in ("synthetic", "imagenet", "folder"):  # small data: online kNN
+        cfg.knn_every = max(1, cfg.epochs // 10)  # ten times a run, < 10% of its time
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
     return cfg
 # <<< shared: parse_config
@@ -179,8 +191,9 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
             return out
-        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32
-        attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
+        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32 (autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
         return out, attn.softmax(-1)[:, :, 0]                         # (B, h, T)
 
 
@@ -249,14 +262,16 @@ class ViT(nn.Module):
     def forward(self, images, mask=None, mask_token=None, keep=None, return_attn=False):
         x = self.patch_embed(images)                                   # (B, D, gh, gw)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                               # (B, N, D)
+        # the residual stream (and every LayerNorm input) stays fp32 under bf16 autocast, as in the official
+        # models, where the fp32 position table promotes it; only the matmuls inside the blocks run in bf16
+        x = x.flatten(2).transpose(1, 2).float()                       # (B, N, D)
         if mask is not None:  # substitute the mask token before positions are added
-            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
-        x = x + self.pos_embed(gh, gw).to(x.dtype)
+            x = torch.where(mask[..., None], mask_token.float(), x)
+        x = x + self.pos_embed(gh, gw)
         if keep is not None:  # token dropping: only these tokens enter the blocks
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+K, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).float(), x], dim=1)  # (B, 1+K, D)
         for blk in self.blocks[:-1]:
             x = blk(x)
         x = self.blocks[-1](x, return_attn)
@@ -353,10 +368,10 @@ def add_mask_token(feat, mask_map, token, gamma=None):
 def vit_encode(vit, images, mask_map, token, layer):
     """The shared ViT's forward, with the token ADDED to hidden patch tokens after `layer` blocks (0 = on the
     patch embeddings, Sec. 2.3); [CLS] untouched. mask_map (B, gh, gw) bool -> (B, 1+N, D)."""
-    x = vit.patch_embed(images).flatten(2).transpose(1, 2)                 # (B, N, D)
-    add = mask_map.flatten(1)[..., None].to(x.dtype) * token.to(x.dtype)   # (B, N, D)
-    x = (x + add if layer == 0 else x) + vit.pos_embed(*mask_map.shape[1:]).to(x.dtype)
-    x = torch.cat([vit.cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)
+    x = vit.patch_embed(images).flatten(2).transpose(1, 2).float()         # (B, N, D) fp32 stream, as the ViT
+    add = mask_map.flatten(1)[..., None].float() * token.float()           # (B, N, D)
+    x = (x + add if layer == 0 else x) + vit.pos_embed(*mask_map.shape[1:])
+    x = torch.cat([vit.cls_token.expand(len(x), -1, -1).float(), x], dim=1)  # (B, 1+N, D)
     for i, blk in enumerate(vit.blocks):
         x = blk(x + F.pad(add, (0, 0, 1, 0)) if 0 < layer == i else x)   # zero row for [CLS]
     return vit.norm(x)
@@ -489,12 +504,13 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on biases, norms, gains and tokens (ndim < 2 or a *token parameter)."""
+def param_groups(model, weight_decay, skip=()):
+    """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
+    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+            (no_decay if p.ndim < 2 or name.rsplit(".", 1)[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -593,6 +609,13 @@ def flops_summary(flops, steps, seconds, device, peak_tflops=0.0):
     return out
 # <<< shared: runtime
 
+def lr_at(cfg, step, total, base, warm, steps_per_epoch):
+    """One group's lr: warm-up from 0 to `base`, then cosine to 1e-5, the floor of EVERY group (mmcv's
+    min_lr is absolute: the 0.1x token group ends at 1e-5 too); ViT ImageNet: constant, x0.1 at step_epoch."""
+    if cfg.step_epoch:
+        return cosine_schedule(step, total, base, base, warm) * 0.1 ** (step >= cfg.step_epoch * steps_per_epoch)
+    return cosine_schedule(step, total, base, 1e-5, warm)
+
 
 def train(cfg: Config):
     rank, world, device = setup_distributed(cfg.device)
@@ -609,9 +632,11 @@ def train(cfg: Config):
     batched = common.BatchCrop(cfg.data, cfg.img_size, scale=scale, interpolation="bilinear")
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
                                 batched=batched, device=device)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
+    steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
+    if steps_per_epoch == 0 or cfg.accum_iter < 1:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs x --accum_iter {cfg.accum_iter} must be >= 1 and "
+            f"at most the dataset ({len(dataset)} images)")
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
@@ -619,10 +644,13 @@ def train(cfg: Config):
     model = Model(cfg).to(device)
     if model.resnet and device.type == "cuda":  # SyncBN (PyTorch has none on CPU), NHWC convolutions
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device, memory_format=torch.channels_last)
-    lr = cfg.blr * cfg.batch_size * world / 256
-    groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay)  # no decay on 1-d, tokens
-    groups.append({"params": [p for p in (model.mask_token, model.mask_gamma) if p is not None],  # Sec. 5.1
+    lr = cfg.blr * eff_batch / 256
+    groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay, skip=("cls_token",))
+    gate = [model.mask_gamma] if model.mask_gamma is not None else []
+    groups.append({"params": [model.mask_token] + (gate if cfg.gate_like_token else []),  # Sec. 5.1
                    "weight_decay": 0.0, "lr_scale": 0.1 if model.resnet else 1.0})
+    if gate and not cfg.gate_like_token:  # the 300-epoch config does not list the gate: base lr, decayed
+        groups.append({"params": gate, "weight_decay": cfg.weight_decay})
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
 
     # resume: the same command continues the run in out_dir
@@ -630,7 +658,7 @@ def train(cfg: Config):
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "knn_every", "device", "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         model.load_state_dict(ckpt["model"])
@@ -650,7 +678,9 @@ def train(cfg: Config):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
-    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
+    log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
+              f"(the paper's ImageNet runs: 2048 = 8 GPUs x 256, ViT-B 8 x 128 x accum 2)"
+              f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -669,26 +699,31 @@ def train(cfg: Config):
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
-    epoch = step // steps_per_epoch
+    epoch, micro = step // steps_per_epoch, 0  # micro: micro-batches accumulated towards the next step
     while step < stop:
-        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for images, _ in loader:
             data_wait += time.time() - t_data
             images = images.to(device, non_blocking=True)
             warm = int(cfg.warmup_epochs * steps_per_epoch)  # then cosine to 1e-5, or constant with a x0.1 step
-            lr_now = (cosine_schedule(step, total, lr, 1e-5, warm) if not cfg.step_epoch else
-                      cosine_schedule(step, total, lr, lr, warm) * 0.1 ** (step >= cfg.step_epoch * steps_per_epoch))
+            lr_now = lr_at(cfg, step, total, lr, warm, steps_per_epoch)
             for g in opt.param_groups:
-                g["lr"] = lr_now * g.get("lr_scale", 1.0)
+                g["lr"] = lr_at(cfg, step, total, lr * g.get("lr_scale", 1.0), warm, steps_per_epoch)
+            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
             with ctx:
                 loss, stats = fwd(images)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            micro = (micro + 1) % cfg.accum_iter
+            if micro:  # not yet the last micro-batch of this optimizer step
+                t_data = time.time()
+                continue
             if not model.resnet:  # the ViT recipes clip gradients at 5, the ResNet ones do not (Sec. 5)
                 nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            opt.zero_grad(set_to_none=True)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and step % cfg.vis_every == 0:
@@ -703,7 +738,7 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
                     log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
                               f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
@@ -714,7 +749,7 @@ def train(cfg: Config):
                     checkpoint(epoch)
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
-            if step >= stop:
+            if step >= stop or step % steps_per_epoch == 0:  # an epoch's leftover micro-batches: unused
                 break
             t_data = time.time()
         if _stop_signal:
@@ -722,13 +757,15 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
-    imgs, peak = (step - step0) * cfg.batch_size * world, peak_memory_gb(device)
+    imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
     flops = count_flops((model,), lambda m: m(images)[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
-              + flops_summary(flops, step - step0, wall, device, cfg.peak_tflops))
+              + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()
 

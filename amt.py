@@ -10,19 +10,24 @@ stored. In training the map follows the image's crop and flip, and patches are d
 probability proportional to it: the first 45 % are masked (reconstructed), the next 40 % thrown (in neither
 encoder, decoder nor loss), the rest (mostly background) visible. Until then (`amt_start`): MAE, 75 % random.
 
-Differs from the others in: a per-image attention store (CPU, fp16) refreshed over the train set; a weighted
-draw without replacement; a third kind of token, thrown: fewer tokens in encoder AND decoder (31/50, 119/197).
+Differs from the others in: a per-image attention store (fp16, on the device) refreshed over the train set; a
+weighted draw without replacement; a third kind of token, thrown: fewer tokens in encoder AND decoder (31/50,
+119/197).
 
 Deviations from the official code:
 - the map is cropped with the image's own crop box (the intent); the released loader divides the box by the
   image size, so every crop used the top-left 2x2..3x3 cells of its map (a bug, not reproduced here);
-- norm_pix_loss on (MAE's recommended target; the released command trains on raw pixels); mask / throw
-  0.45 / 0.40 (the model's defaults; the released CLI defaults 0.75 / 0 throw nothing);
-- AMT start / refresh interval are flags (10 % of the run), not a literal 40 and the warm-up length; the maps
-  are made when an epoch needing them starts (= after the previous one), checkpointed, remade only if missing;
+- norm_pix_loss on (MAE's recommended target); the released command does not pass it and trains on raw
+  pixels: `--norm_pix_loss 0` matches it; mask / throw 0.45 / 0.40 (the model's defaults; the released CLI
+  defaults 0.75 / 0 throw nothing);
+- warm-up = 10 % of --epochs (40 at the paper's 400, the official value); AMT start and refresh interval are
+  flags, also 10 % of the run (official: a literal 40 and the warm-up length); the maps are made when an
+  epoch needing them starts (= after the previous one), checkpointed, remade only if missing;
 - the draw sorts w / Exp(1) keys (bitwise what torch.multinomial does on CPU); a map with no positive
   weight is drawn uniformly and a constant head gives zeros, where the official code fails or gives NaN;
-- bf16 autocast on CUDA, not fp16 + GradScaler; no gradient accumulation; the refresh batch is --batch_size.
+- bf16 autocast on CUDA, not fp16 + GradScaler; the refresh batch is --batch_size; --accum_iter is MAE's
+  (ImageNet preset 8 GPUs x 128 x 4 = the official 4096), exactly a bigger batch: masks are drawn per image
+  and the loss averages a fixed count of masked patches per image.
 - in-memory sets (all but ImageNet and large folders) are cropped in batches on the device (common.py):
   bicubic by grid sampling (cubic a = -0.75, PIL's -0.5), a box larger than the output bilinear with area
   averaging (no batched antialiased bicubic); the refresh resize is antialiased bilinear on the batch.
@@ -69,7 +74,8 @@ class Config:
     patch_size: int = 0            # ViT patch size in pixels; preset picks
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 0            # images per GPU per step; preset picks
+    batch_size: int = 0            # images per GPU per micro-batch; preset picks
+    accum_iter: int = 1            # micro-batches per optimizer step (MAE): batch x GPUs x this images a step
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
@@ -79,6 +85,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     # <<< shared: config
     amt: str = "on"                # on: AMT after epoch amt_start; off: plain MAE throughout (the paper's baseline)
@@ -98,7 +105,8 @@ def preset(data: str, given: dict) -> dict:
     small = dict(model="vit_tiny", img_size=32, patch_size=4, epochs=400, batch_size=512, blr=1.5e-4,
                  weight_decay=0.05, dec_dim=128, dec_depth=4, dec_heads=4)
     p = {"imagenet": {**small, "model": "vit_base", "img_size": 224, "patch_size": 16, "batch_size": 128,
-                      "dec_dim": 512, "dec_depth": 8, "dec_heads": 16},  # official: 4 GPUs x 128 x accum 8
+                      "accum_iter": 4, "dec_dim": 512, "dec_depth": 8, "dec_heads": 16},  # 8 x 128 x 4 = the
+         # official 4096 images per step (4 GPUs x 128 x accum 8)
          "cifar10": small, "cifar100": small, "fashion-mnist": small,
          "stl10": {**small, "img_size": 96, "patch_size": 8, "batch_size": 256},
          "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8},
@@ -134,6 +142,8 @@ def parse_config(argv=None) -> Config:
     if data not in common.DATASETS:
         die(f"unknown --data {data}; choose one of {', '.join(common.DATASETS)}")
     cfg = Config(**{**preset(data, given), **given})
+    if "knn_every" not in given and data not in ("synthetic", "imagenet", "folder"):  # small data: online kNN
+        cfg.knn_every = max(1, cfg.epochs // 10)  # ten times a run, < 10% of its time
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
     return cfg
 # <<< shared: parse_config
@@ -188,8 +198,9 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
             return out
-        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32
-        attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
+        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32 (autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
         return out, attn.softmax(-1)[:, :, 0]                         # (B, h, T)
 
 
@@ -258,14 +269,16 @@ class ViT(nn.Module):
     def forward(self, images, mask=None, mask_token=None, keep=None, return_attn=False):
         x = self.patch_embed(images)                                   # (B, D, gh, gw)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                               # (B, N, D)
+        # the residual stream (and every LayerNorm input) stays fp32 under bf16 autocast, as in the official
+        # models, where the fp32 position table promotes it; only the matmuls inside the blocks run in bf16
+        x = x.flatten(2).transpose(1, 2).float()                       # (B, N, D)
         if mask is not None:  # substitute the mask token before positions are added
-            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
-        x = x + self.pos_embed(gh, gw).to(x.dtype)
+            x = torch.where(mask[..., None], mask_token.float(), x)
+        x = x + self.pos_embed(gh, gw)
         if keep is not None:  # token dropping: only these tokens enter the blocks
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+K, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).float(), x], dim=1)  # (B, 1+K, D)
         for blk in self.blocks[:-1]:
             x = blk(x)
         x = self.blocks[-1](x, return_attn)
@@ -360,11 +373,11 @@ class Model(nn.Module):
     def decode(self, latent, vis, keep):
         """Official forward_decoder: all N slots start as the mask token, visible ones get their encoder
         outputs, positions are added, THEN thrown slots are deleted: 1 + N - n_throw tokens, [CLS] first."""
-        x = self.decoder_embed(latent)                                 # (B, 1 + K, Dd)
+        x = self.decoder_embed(latent).float()  # (B, 1 + K, Dd) fp32 residual stream, as the encoder's
         B, N, Dd = x.shape[0], self.dec_pos.shape[1], x.shape[2]
-        full = self.mask_token.to(x.dtype).expand(B, N, Dd).scatter(1, vis[..., None].expand(-1, -1, Dd), x[:, 1:])
+        full = self.mask_token.expand(B, N, Dd).scatter(1, vis[..., None].expand(-1, -1, Dd), x[:, 1:])
         full = (full + self.dec_pos).gather(1, keep[..., None].expand(-1, -1, Dd))  # (B, N - T, Dd)
-        x = torch.cat([x[:, :1], full.to(x.dtype)], 1)                 # (B, 1 + N - T, Dd)
+        x = torch.cat([x[:, :1], full], 1)                             # (B, 1 + N - T, Dd)
         for blk in self.decoder:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]         # (B, N - T, P)
@@ -465,12 +478,13 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on biases, norms, gains and tokens (ndim < 2 or a *token parameter)."""
+def param_groups(model, weight_decay, skip=()):
+    """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
+    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+            (no_decay if p.ndim < 2 or name.rsplit(".", 1)[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -600,18 +614,21 @@ def train(cfg: Config):
     squash = T.Compose([T.Resize((cfg.img_size,) * 2), T.ToTensor(), common.normalize(cfg.data)])  # refresh pass:
     # the whole image squashed to a square, bilinear (official update_mask loader: Resize((224, 224)))
     squash_batched = common.BatchEval(cfg.data, cfg.img_size, squash=True)  # the same, for in-memory sets
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
+    steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
+    if steps_per_epoch == 0 or cfg.accum_iter < 1:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs x --accum_iter {cfg.accum_iter} must be >= 1 and "
+            f"at most the dataset ({len(dataset)} images)")
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
-    # model and optimizer; the attention store lives on CPU next to them
+    # model and optimizer; the attention store lives on the training device (0.5 GB fp16 at ImageNet), so the
+    # per-step gather never waits for a copy from pageable host memory
     model = Model(cfg).to(device)
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
-    lr = cfg.blr * cfg.batch_size * world / 256
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    lr = cfg.blr * eff_batch / 256
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),  # timm add_weight_decay:
+                            fused=device.type == "cuda")  # [CLS] and mask token decayed (official)
     store, store_epoch = None, None  # (n_images, gh, gw) fp16 maps, and the epoch after which they were made
 
     # resume: the same command continues the run in out_dir
@@ -619,12 +636,13 @@ def train(cfg: Config):
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "knn_every", "device", "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, store, store_epoch = ckpt["step"], ckpt.get("store"), ckpt.get("store_epoch")
+        store = None if store is None else store.to(device)
         if len(ckpt["rng"]) == world:
             torch.set_rng_state(ckpt["rng"][rank]["cpu"])
             if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
@@ -639,7 +657,9 @@ def train(cfg: Config):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
-    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
+    log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
+              f"(the paper's ImageNet run: 4096 = 4 GPUs x 128 x accum 8)"
+              f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps | " + ("--amt off: plain MAE" if cfg.amt == "off" else
               f"AMT after epoch {cfg.amt_start}: {n_mask} masked / {n_throw} thrown / {N - n_mask - n_throw} visible"))
     if master:
@@ -653,41 +673,48 @@ def train(cfg: Config):
     def checkpoint(epoch):
         state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
                  "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "rng": rng_states(world),
-                 "store": store, "store_epoch": store_epoch}
+                 "store": None if store is None else store.cpu(), "store_epoch": store_epoch}
         if master:
             save_checkpoint(path, state)
 
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
-    epoch = step // steps_per_epoch
+    epoch, micro = step // steps_per_epoch, 0  # micro: micro-batches accumulated towards the next step
     while step < stop:
         due = store_due(cfg, epoch)
         if due is not None and store_epoch != due:  # fresh maps from the current encoder
             t0 = time.time()
             w, _ = common.extract(Encoder(model.encoder, attention=True), dataset, squash, cfg.batch_size, device,
                                   cfg.num_workers, batched=squash_batched)  # (n_images, N), dataset order; rank-sharded and gathered
-            store, store_epoch = w.half().view(len(dataset), *(model.encoder.grid,) * 2), due  # fp16 on CPU
+            store, store_epoch = w.half().view(len(dataset), *(model.encoder.grid,) * 2).to(device), due  # fp16
             model.train()
             log.print(f"attention store: {len(dataset)} maps after epoch {due} in {time.time() - t0:.1f} s")
             t_log += time.time() - t0  # the log's ms and img/s are training steps only; the summary counts all
         counts = (n_mask, n_throw) if due is not None else (N - int(N * 0.25), 0)  # MAE's 75 %, keeps int(N/4)
-        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for (images, box), _, idx in loader:
             data_wait += time.time() - t_data
             images = images.to(device, non_blocking=True)
             weights = torch.ones(images.shape[0], N, device=device) if due is None else patch_weights(
-                store[idx].to(device, non_blocking=True), box.to(device, non_blocking=True), cfg.patch_size)  # (B, N)
+                store[idx.to(device, non_blocking=True)], box.to(device, non_blocking=True),
+                cfg.patch_size)  # (B, N); the store is on the device: no host copy per step
             lr_now = cosine_schedule(step, total, lr, 0.0, warmup=int(cfg.warmup_epochs * steps_per_epoch))
             for g in opt.param_groups:
                 g["lr"] = lr_now
+            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
             with ctx:
                 loss, stats, out = fwd(images, weights, *counts)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            micro = (micro + 1) % cfg.accum_iter
+            if micro:  # not yet the last micro-batch of this optimizer step
+                t_data = time.time()
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and step % cfg.vis_every == 0:  # uses this step's masks: no RNG
@@ -702,7 +729,7 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
                     log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
                               f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
@@ -713,7 +740,7 @@ def train(cfg: Config):
                     checkpoint(epoch)
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
-            if step >= stop:
+            if step >= stop or step % steps_per_epoch == 0:  # an epoch's leftover micro-batches: unused
                 break
             t_data = time.time()
         if _stop_signal:
@@ -721,13 +748,15 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
-    imgs, peak = (step - step0) * cfg.batch_size * world, peak_memory_gb(device)
+    imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
     flops = count_flops((model,), lambda m: m(images, weights, *counts)[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
-              + flops_summary(flops, step - step0, wall, device, cfg.peak_tflops))
+              + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()
 

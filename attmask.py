@@ -16,12 +16,20 @@ Differs from the others in:
   - cosine weight decay and teacher momentum, per-tensor gradient clipping, last layer frozen in epoch 0.
 
 Deviations from the official code:
-  - shared ViT (fixed sin-cos positions for any grid, xavier init); bf16 autocast, not fp16 + GradScaler;
-  - r from (seed, step), not Python's global RNG (equal on all ranks and on resume); hints skip an unused
-    torch.rand draw; random / block masks made on the device, not in the loader; one teacher-temperature
-    schedule for [CLS] and patches (equal in the paper runs); probe: the teacher's last 4 [CLS];
+  - shared ViT (fixed sin-cos positions for any grid, xavier init); bf16 autocast, not fp16 + GradScaler,
+    with the head's last layer (logits / 0.04) and the softmaxes in fp32 (official: fp16);
+  - the mask ratio r and the hint ratio r' (two independent draws, as official) from (seed, step), not
+    Python's global RNG (equal on all ranks and on resume); hints skip an unused torch.rand draw; random /
+    block masks made on the device, not in the loader; one teacher-temperature schedule for [CLS] and
+    patches (equal in the paper runs); probe: the teacher's last 4 [CLS];
+  - zero hints allowed: where floor(N s r') = 0 (8x8 grids with r' < 0.16) nothing is revealed; the
+    official Hint code asks torch.multinomial for 0 samples there and stops, so it cannot run on 8x8 grids;
+  - per-rank seeds: masks and drop path draw from seed + rank (official: every rank seeded the same, so
+    the ranks' torch draws repeat each other); initial weights and r, r' are equal on all ranks in both;
   - fixed: the mask grid follows the input size (official: 224 // patch); the encoder returns features
-    only (official eval paths get a (features, attention) pair).
+    only (official eval paths get a (features, attention) pair);
+  - ImageNet preset 8 GPUs x 30 = the paper's 240 images per step (4 x 60); --accum_iter is not in the
+    official code and is not exactly a bigger batch: the centres move after every micro-batch.
   - in-memory sets (all but ImageNet and large folders): multi-crop in batches on the device (common.py),
     bicubic by grid sampling (cubic a = -0.75, PIL's -0.5), a box larger than its output (local crops of
     big images) bilinear with area averaging; colour ops in float (no uint8 rounding between them); the
@@ -30,7 +38,7 @@ Deviations from the official code:
 Run:
     python attmask.py --data synthetic --max_steps 50                      # CPU smoke run
     python attmask.py --data cifar10 --mask_mode random                    # iBOT baseline, same recipe
-    torchrun --nproc_per_node=4 attmask.py --data imagenet --data_dir /path/to/imagenet
+    torchrun --nproc_per_node=8 attmask.py --data imagenet --data_dir /path/to/imagenet
 """
 import dataclasses
 import json
@@ -67,7 +75,8 @@ class Config:
     patch_size: int = 0            # ViT patch size in pixels; preset picks
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 0            # images per GPU per step; preset picks
+    batch_size: int = 0            # images per GPU per micro-batch; preset picks
+    accum_iter: int = 1            # micro-batches per optimizer step (MAE): batch x GPUs x this images a step
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
@@ -77,6 +86,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     # <<< shared: config
     # method: AttMask (paper values from the official launch commands)
@@ -100,8 +110,9 @@ class Config:
     subset: float = 0              # imagenet/folder pre-training: first N (>= 1) or fraction (< 1) of every class (20% runs: 260)
 
 def preset(data: str, given: dict) -> dict:
-    """Per-dataset recipe: ImageNet = the paper's (ViT-S/16, 4 GPUs x 60), small data = the spec's scaled one."""
-    paper = dict(model="vit_small", img_size=224, patch_size=16, epochs=100, batch_size=60, blr=5e-4,
+    """Per-dataset recipe: ImageNet = the paper's (ViT-S/16, 240 images per step: 4 GPUs x 60 there, 8 x 30
+    here), small data = the spec's scaled one."""
+    paper = dict(model="vit_small", img_size=224, patch_size=16, epochs=100, batch_size=30, blr=5e-4,
                  weight_decay=0.04, warmup_epochs=10)
     small = {**paper, "model": "vit_tiny", "img_size": 32, "patch_size": 4, "epochs": 200, "batch_size": 256,
              "local_crops": 6, "local_size": 16, "out_dim": 4096}
@@ -140,6 +151,8 @@ def parse_config(argv=None) -> Config:
     if data not in common.DATASETS:
         die(f"unknown --data {data}; choose one of {', '.join(common.DATASETS)}")
     cfg = Config(**{**preset(data, given), **given})
+    if "knn_every" not in given and data not in ("synthetic", "imagenet", "folder"):  # small data: online kNN
+        cfg.knn_every = max(1, cfg.epochs // 10)  # ten times a run, < 10% of its time
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
     return cfg
 # <<< shared: parse_config
@@ -193,8 +206,9 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
             return out
-        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32
-        attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
+        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32 (autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
         return out, attn.softmax(-1)[:, :, 0]                         # (B, h, T)
 
 
@@ -263,14 +277,16 @@ class ViT(nn.Module):
     def forward(self, images, mask=None, mask_token=None, keep=None, return_attn=False):
         x = self.patch_embed(images)                                   # (B, D, gh, gw)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                               # (B, N, D)
+        # the residual stream (and every LayerNorm input) stays fp32 under bf16 autocast, as in the official
+        # models, where the fp32 position table promotes it; only the matmuls inside the blocks run in bf16
+        x = x.flatten(2).transpose(1, 2).float()                       # (B, N, D)
         if mask is not None:  # substitute the mask token before positions are added
-            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
-        x = x + self.pos_embed(gh, gw).to(x.dtype)
+            x = torch.where(mask[..., None], mask_token.float(), x)
+        x = x + self.pos_embed(gh, gw)
         if keep is not None:  # token dropping: only these tokens enter the blocks
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+K, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).float(), x], dim=1)  # (B, 1+K, D)
         for blk in self.blocks[:-1]:
             x = blk(x)
         x = self.blocks[-1](x, return_attn)
@@ -291,15 +307,17 @@ def build_vit(name, img_size, patch_size, **kw):
 
 MASK_MODES = ("attmask_hint", "attmask_high", "attmask_low", "random", "block")
 
-def attmask(a, ratio, mode, prob, show_max):
+def attmask(a, ratio, mode, prob, show_max, hint_ratio=None):
     """a: (R, N) teacher [CLS]->patch attention, a row per global crop -> mask (R, N) bool, True = hidden.
     High hides the floor(N r) most attended tokens, Low the least; Hint hides the High set, then reveals
-    floor(N s r) tokens drawn uniformly from the top floor(N s), s = show_max (official issue #1)."""
+    floor(N s r') tokens drawn uniformly from the top floor(N s), s = show_max, r' = hint_ratio (the
+    official loop draws it independently of r; None = r)."""
     R, N = a.shape
     order = a.argsort(dim=1, descending=mode != "attmask_low")         # (R, N) first = first to hide
     mask = torch.zeros(R, N, dtype=torch.bool, device=a.device).scatter_(1, order[:, :int(N * ratio)], True)
     mask &= torch.rand(R, 1, device=a.device) <= prob                  # per crop: else not masked at all
-    n_hint = int(N * (show_max * ratio))                               # floors; s * r formed first (spec 3.3)
+    hint_ratio = ratio if hint_ratio is None else hint_ratio
+    n_hint = int(N * (show_max * hint_ratio))                          # floors; s * r' formed first (spec 3.3b)
     if mode == "attmask_hint" and n_hint > 0:
         top = torch.zeros(R, N, device=a.device).scatter_(1, order[:, :int(N * show_max)], 1.0)  # (R, N) candidates
         # = torch.multinomial(top, n_hint) (same draws), without its two host syncs: top-k of top / Exp(1)
@@ -309,14 +327,14 @@ def attmask(a, ratio, mode, prob, show_max):
 def block_mask(ratios, gh, gw, rounds=50):
     """iBOT 'block' baseline (BEiT), vectorised: each round proposes a rectangle per row (area U[(min(gh,gw)
     //3)^2, left to hide], aspect in [0.3, 1/0.3]), kept if it hides 1..left-to-hide new tokens; a row stops
-    after 10 rejections in a row, as the official loop (never over 37 proposals in 2000 trials at 14x14)."""
+    after 10 rejections in a row, as the official loop (never over 50 proposals in 20000 trials at 14x14)."""
     R, dev, lo = len(ratios), ratios.device, (min(gh, gw) // 3) ** 2
     rand = lambda: torch.rand(R, device=dev)
-    target, fails = (ratios * gh * gw).floor(), torch.zeros(R, device=dev)  # (R,)
+    target, fails = ratios * gh * gw, torch.zeros(R, device=dev)  # (R,) not floored, as official
     mask = torch.zeros(R, gh, gw, dtype=torch.bool, device=dev)
     ys, xs = torch.arange(gh, device=dev), torch.arange(gw, device=dev)
     for _ in range(rounds):
-        todo = target - mask.sum((1, 2))                               # (R,)
+        todo = target - mask.sum((1, 2))                               # (R,) r N - count: caps the area
         area, aspect = lo + (todo - lo) * rand(), torch.exp((2 * rand() - 1) * math.log(1 / 0.3))
         h, w = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
         top, left = (rand() * (gh - h + 1)).floor(), (rand() * (gw - w + 1)).floor()
@@ -331,8 +349,9 @@ def make_mask(cfg, attn, step, gh, gw):
     """Mask (2B, N) of the global crops for --mask_mode. attn: (2B, heads, 1+N) teacher [CLS] rows."""
     lo, hi = cfg.pred_ratio - cfg.pred_ratio_var, cfg.pred_ratio + cfg.pred_ratio_var
     if cfg.mask_mode.startswith("attmask"):  # last block, mean over heads, patch keys, not renormalised (Sec. 3)
-        r = random.Random(cfg.seed * 1_000_003 + step).uniform(lo, hi)  # one r per step, the same on all ranks
-        return attmask(attn[:, :, 1:].float().mean(1), r, cfg.mask_mode, cfg.masking_prob, cfg.show_max)
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # one r per step, the same on all ranks and on resume
+        r, r_hint = rng.uniform(lo, hi), rng.uniform(lo, hi)  # official: get_pred_ratio() twice, mask and hints
+        return attmask(attn[:, :, 1:].float().mean(1), r, cfg.mask_mode, cfg.masking_prob, cfg.show_max, r_hint)
     ratios = lo + (hi - lo) * torch.rand(attn.shape[0], device=attn.device)  # iBOT: r per crop, all masked
     if cfg.mask_mode == "block":
         return block_mask(ratios, gh, gw)
@@ -355,7 +374,9 @@ class Head(nn.Module):
         self.g = nn.Parameter(torch.ones(out_dim, 1))
 
     def forward(self, x):
-        return F.linear(F.normalize(self.mlp(x), dim=-1), self.g * F.normalize(self.v, dim=1))  # (..., K)
+        z = F.normalize(self.mlp(x).float(), dim=-1)                   # (..., 256)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 logits: after /0.04, bf16 is 8x fp16's steps
+            return F.linear(z, self.g * F.normalize(self.v, dim=1))    # (..., K) fp32
 
 def teacher_temp(epoch, start, end, warmup_epochs):
     """Per epoch: linspace(start, end, warmup_epochs)[epoch], then end (sharper targets early on)."""
@@ -506,12 +527,13 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on biases, norms, gains and tokens (ndim < 2 or a *token parameter)."""
+def param_groups(model, weight_decay, skip=()):
+    """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
+    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+            (no_decay if p.ndim < 2 or name.rsplit(".", 1)[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -624,20 +646,20 @@ def train(cfg: Config):
     blur = (1.0, 0.1, 0.5) if cfg.img_size > 64 else (0.5, 0.1, 0.2)
     loader = common.make_loader(dataset, common.MultiCrop(*crops, blur=blur), cfg.batch_size, True, cfg.seed, rank,
                                 world, cfg.num_workers, batched=common.BatchMultiCrop(*crops, blur=blur), device=device)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
+    steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
+    if steps_per_epoch == 0 or cfg.accum_iter < 1:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs x --accum_iter {cfg.accum_iter} must be >= 1 and "
+            f"at most the dataset ({len(dataset)} images)")
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
     # model and optimizer: AdamW, default betas, decay on >= 2-dim tensors (mask token, [CLS] too, as official)
     model = Model(cfg).to(device)
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
-    lr = cfg.blr * cfg.batch_size * world / 256
+    lr = cfg.blr * eff_batch / 256
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2]},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, fused=device.type == "cuda")
     teacher_params = [*model.teacher.parameters(), *model.teacher_head.parameters()]  # EMA pairs, by name order
     student_params = [*model.student.parameters(), *model.head.parameters()]
 
@@ -646,7 +668,7 @@ def train(cfg: Config):
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "knn_every", "device", "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         model.load_state_dict(ckpt["model"])
@@ -666,7 +688,9 @@ def train(cfg: Config):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
-    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
+    log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
+              f"(the paper's ImageNet runs: 240 = 4 GPUs x 60, 800 at 300 epochs)"
+              f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -689,9 +713,9 @@ def train(cfg: Config):
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
-    epoch = step // steps_per_epoch
+    epoch, micro = step // steps_per_epoch, 0  # micro: micro-batches accumulated towards the next step
     while step < stop:
-        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for crops, _ in loader:
             data_wait += time.time() - t_data
@@ -700,17 +724,23 @@ def train(cfg: Config):
             for g in opt.param_groups:
                 g["lr"] = lr_now
             opt.param_groups[0]["weight_decay"] = cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
+            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
             with ctx:
                 loss, stats = fwd(crops, step, epoch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            micro = (micro + 1) % cfg.accum_iter
+            if micro:  # not yet the last micro-batch of this optimizer step
+                t_data = time.time()
+                continue
             if cfg.clip_grad:
                 clip_per_tensor(params, cfg.clip_grad)
             if epoch < cfg.freeze_last_layer:  # the prototypes stay put while the rest settles (DINO)
                 model.head.v.grad = model.head.g.grad = None
             opt.step()
+            opt.zero_grad(set_to_none=True)
             ema_update(teacher_params, student_params, cosine_schedule(step, total, cfg.momentum_teacher, 1.0))
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and step % cfg.vis_every == 0:
@@ -725,7 +755,7 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
                     log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
                               f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
@@ -736,7 +766,7 @@ def train(cfg: Config):
                     checkpoint(epoch)
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
-            if step >= stop:
+            if step >= stop or step % steps_per_epoch == 0:  # an epoch's leftover micro-batches: unused
                 break
             t_data = time.time()
         if _stop_signal:
@@ -744,13 +774,15 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
-    imgs, peak = (step - step0) * cfg.batch_size * world, peak_memory_gb(device)
+    imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
     flops = count_flops((model,), lambda m: m(crops, step - 1, epoch)[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
-              + flops_summary(flops, step - step0, wall, device, cfg.peak_tflops))
+              + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ import math
 import os
 import struct
 import sys
+import time
 
 import numpy as np
 import torch
@@ -76,6 +77,9 @@ class Synthetic(torch.utils.data.Dataset):
         return (img.resize((self.size, self.size), Image.BICUBIC) if self.size > s else img), c
 
 
+_SYNTHETIC = Synthetic  # the class itself, for memory_images (tests may wrap the name)
+
+
 class ArrayImages(torch.utils.data.Dataset):
     """uint8 images (n, H, W) or (n, H, W, 3) + labels as a dataset of RGB PIL images."""
 
@@ -138,17 +142,40 @@ def per_class_subset(ds, subset):
     return ds
 
 
+# validation split carved from the labelled train split: the last k images where the train order is
+# shuffled (k = the test split's size), every 10th image where it is sorted by class (folders, STL-10)
+VAL_TAIL = {"fashion-mnist": 10000, "cifar10": 10000, "cifar100": 10000}
+
+
+def val_split(name, n):
+    """(rest, val) index lists of a labelled train split of n images. Fashion-MNIST / CIFAR: val = the
+    last 10k (as large as their test sets; at most a fifth of a smaller copy); synthetic: the last
+    quarter (its test split's ratio); class-sorted sets: every 10th image, so every class keeps its share."""
+    k = n // 4 if name == "synthetic" else min(VAL_TAIL[name], n // 5) if name in VAL_TAIL else None
+    if k is None:
+        return [i for i in range(n) if i % 10 != 9], list(range(9, n, 10))
+    if not 0 < k < n:
+        die(f"--data {name} has {n} train images, too few to hold out a validation split of {k}")
+    return list(range(n - k)), list(range(n - k, n))
+
+
 def build_dataset(name, data_dir, train, subset=0, synthetic_size=2000, img_size=32):
-    """Raw dataset of (PIL image, label). `train`: the pre-training split (STL-10: train+unlabeled)
-    or 'probe-train'; False: the evaluation split. `memory_key` names it for memory_images' cache."""
+    """Raw dataset of (PIL image, label). `train`: True = the pre-training split (STL-10:
+    train+unlabeled); 'probe-train' = the labelled train split; 'val' = its held-out part (val_split)
+    and 'probe-rest' = the rest of it; False = the evaluation (test) split. `memory_key` names the set
+    for memory_images' cache."""
     ds = _build_dataset(name, data_dir, train, subset, synthetic_size, img_size)
-    ds.memory_key = (name, os.path.abspath(data_dir), str(train), subset, synthetic_size, img_size)
+    ds.memory_key = (name, os.path.abspath(data_dir), str(train), subset, synthetic_size, img_size, len(ds))
     return ds
 
 
 def _build_dataset(name, data_dir, train, subset, synthetic_size, img_size):
     if name not in DATASETS:
         die(f"unknown --data {name}; choose one of {', '.join(DATASETS)}")
+    if train in ("val", "probe-rest"):
+        full = build_dataset(name, data_dir, "probe-train", subset, synthetic_size, img_size)
+        rest, val = val_split(name, len(full))
+        return torch.utils.data.Subset(full, val if train == "val" else rest)
     pretrain = train is True
     try:
         if name == "synthetic":
@@ -184,8 +211,9 @@ class MemoryImages:
     to(cuda) puts it on the GPU when it takes under a quarter of the free memory, else in pinned host memory."""
 
     def __init__(self, images, labels):
-        self.images = torch.as_tensor(np.ascontiguousarray(images if images.ndim == 4 else images[..., None]))
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        images = images if torch.is_tensor(images) else torch.as_tensor(np.ascontiguousarray(images))
+        self.images = (images if images.ndim == 4 else images[..., None]).contiguous()   # (n, H, W, C)
+        self.labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.n, self.H, self.W = self.images.shape[:3]
 
     def __len__(self):
@@ -219,10 +247,14 @@ def memory_images(ds):
         mem = MemoryImages(ds.data, ds.targets)           # (n, 32, 32, 3)
     elif isinstance(ds, datasets.STL10):
         mem = MemoryImages(ds.data.transpose(0, 2, 3, 1), ds.labels)  # (n, 3, 96, 96) -> (n, 96, 96, 3)
-    elif isinstance(ds, Synthetic):                       # generated once, image by image
+    elif isinstance(ds, _SYNTHETIC):                      # generated once, image by image
         mem = MemoryImages(np.stack([np.asarray(ds[i][0]) for i in range(len(ds))]), ds.targets)
     elif isinstance(ds, datasets.ImageFolder):            # tiny-imagenet, folder
         mem = _small_folder(ds)
+    elif isinstance(ds, torch.utils.data.Subset):         # the val split and the rest
+        full = memory_images(ds.dataset)
+        idx = torch.as_tensor(ds.indices, device=full.images.device) if full is not None else None
+        mem = MemoryImages(full.images[idx], full.labels[idx]) if full is not None else None
     else:
         return None
     if key:
@@ -795,17 +827,22 @@ def linear_probe(train_f, train_y, test_f, test_y, lrs=(0.01, 0.03, 0.1, 0.3, 1.
 
 
 def probe(encoder, data, data_dir, img_size, device="cpu", batch_size=256, num_workers=4,
-          cache=None, epochs=100, synthetic_size=2000):
+          cache=None, epochs=100, synthetic_size=2000, split="test"):
     """Frozen-feature evaluation of `encoder(images) -> (B, D)`: linear top-1 (best of the lr sweep)
-    and kNN top-1 (k=20, T=0.07). Features are cached in `cache` (a .pt path) when given."""
+    and kNN top-1 (k=20, T=0.07). split 'test': train on the labelled train split, score the test split;
+    'val': train on the rest of the train split, score its held-out val part (for choices).
+    Features are cached in `cache` (a .pt path) when given."""
+    if split not in ("test", "val"):
+        die(f"unknown split {split!r}; choose test or val")
     if cache and os.path.isfile(cache):
         tr_f, tr_y, te_f, te_y = torch.load(cache, weights_only=True)
     else:
         tf = eval_transform(data, img_size)
         kw = dict(batch_size=batch_size, device=device, num_workers=num_workers, batched=BatchEval(data, img_size))
-        tr_f, tr_y = extract(encoder, build_dataset(data, data_dir, "probe-train", synthetic_size=synthetic_size,
+        fit, score = ("probe-train", False) if split == "test" else ("probe-rest", "val")
+        tr_f, tr_y = extract(encoder, build_dataset(data, data_dir, fit, synthetic_size=synthetic_size,
                                                     img_size=img_size), tf, **kw)
-        te_f, te_y = extract(encoder, build_dataset(data, data_dir, False, synthetic_size=synthetic_size,
+        te_f, te_y = extract(encoder, build_dataset(data, data_dir, score, synthetic_size=synthetic_size,
                                                     img_size=img_size), tf, **kw)
         if cache and world_info()[0] == 0:
             torch.save((tr_f, tr_y, te_f, te_y), cache)
@@ -813,3 +850,50 @@ def probe(encoder, data, data_dir, img_size, device="cpu", batch_size=256, num_w
     lin, lr = linear_probe(tr_f, tr_y, te_f, te_y, epochs=epochs, num_classes=C)
     return {"linear_top1": lin, "linear_lr": lr, "knn_top1": knn(tr_f, tr_y, te_f, te_y, num_classes=C),
             "n_train": len(tr_y), "n_test": len(te_y), "dim": tr_f.shape[1]}
+
+
+# ----------------------------------------------------------------------------
+# Online kNN during pre-training
+
+KNN_BANK = 10000  # online kNN: at most this many bank images (train minus val) and val queries, evenly spaced
+_knn_sets = {}    # (data, data_dir, img_size) -> (bank, queries): built once per process
+
+
+def knn_sets(data, data_dir, img_size):
+    """The online kNN's fixed bank (an evenly spaced subset of the train split minus val) and its
+    queries (the val split, subsampled the same way past KNN_BANK images)."""
+    key = (data, data_dir, img_size)
+    if key not in _knn_sets:
+        full = build_dataset(data, data_dir, "probe-train", img_size=img_size)
+        rest, val = val_split(data, len(full))
+        even = lambda idx: idx[::max(1, len(idx) // KNN_BANK)][:KNN_BANK]
+        _knn_sets.clear()
+        _knn_sets[key] = (torch.utils.data.Subset(full, even(rest)), torch.utils.data.Subset(full, even(val)))
+    return _knn_sets[key]
+
+
+def online_knn(cfg, step, steps_per_epoch, stop, build_encoder, device, log):
+    """At the end of every cfg.knn_every-th epoch and of the run: weighted kNN top-1 on the val split
+    of the encoder build_encoder() gives (the module load_encoder would give for the live weights),
+    logged as `knn <top-1>` in log.txt and metrics.jsonl. Under a forked RNG with its own loaders, so
+    the training stream (weights, masks, augmentations, loader order) is the one without it; every
+    rank extracts its shard, rank 0 scores. Returns the seconds it took (0 when not due)."""
+    if not cfg.knn_every or (step < stop and step % (cfg.knn_every * steps_per_epoch)):
+        return 0.0
+    t0 = time.time()
+    bank, queries = knn_sets(cfg.data, cfg.data_dir, cfg.img_size)
+    tf = eval_transform(cfg.data, cfg.img_size)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        encoder = build_encoder()                      # a copy: the live modules keep their train mode
+        kw = dict(batch_size=256, device=str(device), num_workers=cfg.num_workers, desc="knn")
+        bank_f, bank_y = extract(encoder, bank, tf, **kw)
+        val_f, val_y = extract(encoder, queries, tf, **kw)
+        del encoder
+    if world_info()[0] == 0:
+        top1 = knn(bank_f, bank_y, val_f, val_y, num_classes=DATASETS[cfg.data][1] or None)
+        secs = time.time() - t0
+        log.print(f"knn {top1:.2f} | step {step} | ep {step / steps_per_epoch:.1f} | val {len(queries)} "
+                  f"vs bank {len(bank)} | {secs:.1f} s")
+        log.metrics({"step": step, "epoch": round(step / steps_per_epoch, 2), "knn": top1, "knn_s": secs,
+                     "knn_val": len(queries), "knn_bank": len(bank)})
+    return time.time() - t0

@@ -17,11 +17,17 @@ default, needs no weights; not in the paper, which reports an unspecified BYOL v
 
 Deviations from the official code:
 - shared ViT: sin-cos positions, not BEiT v2's relative position bias; qkv k-bias; xavier init (head:
-  torch's default); mask token not weight-decayed; bf16 autocast, not fp16 AMP (matching in fp32/TF32);
+  torch's default); bf16 autocast, not fp16 AMP (matching in fp32/TF32); the CLIP tower keeps its
+  residual stream fp32 (OpenAI's casts it to the autocast dtype: fp16 there, bf16 would be 8x coarser);
+- init: no BEiT rescale of block l's attention-output and second MLP weights by 1/sqrt(2l) (one init for
+  all five files; LayerScale 0.1 damps those branches already); mask token normal std 0.02 cut at +-2
+  (official: cut at +-1 std, i.e. +-0.02); --data imagenet without --teacher clip is not the paper's recipe
+  (the start-up log says so);
 - block masks for the whole batch on the device in 30 placement attempts (BEiT's stop after 10 failures
   in a row kept; >99% of images stop by then), topped up to the exact count as in BEiT v2;
-- one n_max, k_max for both levels (code defaults n1 = n2, k1 = k2); no gradient accumulation (the
-  official one drops gradients); a CLIP teacher gets the student's crop and normalisation (ImageNet's at
+- one n_max, k_max for both levels (code defaults n1 = n2, k1 = k2); --accum_iter as MAE's (the official
+  one drops the accumulated gradients), not exactly a bigger batch: each micro-batch draws its own block
+  masks and (n, k) schedule; a CLIP teacher gets the student's crop and normalisation (ImageNet's at
   --data imagenet, as official), resized to 224 px, tokens average-pooled to the student grid (Sec. 2.3);
 - in-memory sets (all but ImageNet and large folders): colour jitter (before the crop, as official) and
   bicubic crops in batches on the device (common.py): grid sampling (cubic a = -0.75, PIL's -0.5), a box
@@ -38,6 +44,7 @@ Run:
 """
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -73,7 +80,8 @@ class Config:
     patch_size: int = 0            # ViT patch size in pixels; preset picks
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 0            # images per GPU per step; preset picks
+    batch_size: int = 0            # images per GPU per micro-batch; preset picks
+    accum_iter: int = 1            # micro-batches per optimizer step (MAE): batch x GPUs x this images a step
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
@@ -83,6 +91,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     # <<< shared: config
     teacher: str = "ema"           # clip (paper: OpenAI CLIP ViT-B/16) | ema (momentum copy) | random (tests)
@@ -95,6 +104,8 @@ class Config:
     mask_ratio: float = 75 / 196   # exactly round(ratio * N) hidden per image (paper 75 of 196)
     min_mask_block: int = 16       # smallest masking block in patches (paper 16; scaled recipe 4)
     layer_scale: float = 0.1       # LayerScale init of the student (paper 0.1 for Small/Base)
+    drop_path: float = 0.0         # student stochastic depth; official script default 0.1, but its 300-epoch
+                                   # recipe (BEiT v2's, spec 6.1) and the scaled one (6.2) use 0: all presets 0
     loss_beta: float = 2.0         # smooth-L1 beta (code default loss)
 
 
@@ -138,6 +149,8 @@ def parse_config(argv=None) -> Config:
     if data not in common.DATASETS:
         die(f"unknown --data {data}; choose one of {', '.join(common.DATASETS)}")
     cfg = Config(**{**preset(data, given), **given})
+    if "knn_every" not in given and data not in ("synthetic", "imagenet", "folder"):  # small data: online kNN
+        cfg.knn_every = max(1, cfg.epochs // 10)  # ten times a run, < 10% of its time
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
     return cfg
 # <<< shared: parse_config
@@ -192,8 +205,9 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
             return out
-        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32
-        attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
+        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32 (autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
         return out, attn.softmax(-1)[:, :, 0]                         # (B, h, T)
 
 
@@ -262,14 +276,16 @@ class ViT(nn.Module):
     def forward(self, images, mask=None, mask_token=None, keep=None, return_attn=False):
         x = self.patch_embed(images)                                   # (B, D, gh, gw)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                               # (B, N, D)
+        # the residual stream (and every LayerNorm input) stays fp32 under bf16 autocast, as in the official
+        # models, where the fp32 position table promotes it; only the matmuls inside the blocks run in bf16
+        x = x.flatten(2).transpose(1, 2).float()                       # (B, N, D)
         if mask is not None:  # substitute the mask token before positions are added
-            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
-        x = x + self.pos_embed(gh, gw).to(x.dtype)
+            x = torch.where(mask[..., None], mask_token.float(), x)
+        x = x + self.pos_embed(gh, gw)
         if keep is not None:  # token dropping: only these tokens enter the blocks
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+K, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).float(), x], dim=1)  # (B, 1+K, D)
         for blk in self.blocks[:-1]:
             x = blk(x)
         x = self.blocks[-1](x, return_attn)
@@ -341,9 +357,9 @@ class CLIPVisual(nn.Module):
         self.load_state_dict(sd)                                           # copied into the fp32 weights
 
     def forward(self, images):
-        x = self.conv1(images).flatten(2).transpose(1, 2)                   # (B, N, W)
-        x = torch.cat([self.class_embedding.expand(len(x), 1, -1).to(x.dtype), x], 1)  # (B, 1+N, W)
-        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        x = self.conv1(images).flatten(2).transpose(1, 2).float()           # (B, N, W) fp32 stream (see header)
+        x = torch.cat([self.class_embedding.expand(len(x), 1, -1), x], 1)   # (B, 1+N, W)
+        x = self.ln_pre(x + self.positional_embedding)
         for blk in self.blocks:
             x = blk(x)
         return self.ln_post(x[:, 1:]) @ self.proj.to(x.dtype)              # (B, N, C)
@@ -365,7 +381,17 @@ def load_clip_visual(path):
     sd = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")} or sd
     if "conv1.weight" not in sd or "proj" not in sd:
         die(f"--teacher_ckpt {path} holds no CLIP image tower (no visual.conv1.weight / visual.proj)")
-    return CLIPVisual(sd)
+    tower = CLIPVisual(sd)
+    tower.file = {"path": os.path.abspath(path), "sha256": sha256_of(path)}  # checkpoints keep this, not weights
+    return tower
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------
@@ -380,13 +406,20 @@ class Model(nn.Module):
         super().__init__()
         if cfg.morph not in ("on", "off"):
             die(f"unknown --morph {cfg.morph}; choose on or off")
+        for flag, least in (("morph_levels", 1), ("morph_k_max", 1), ("morph_n_max", 0)):
+            if getattr(cfg, flag) < least:
+                die(f"--{flag} {getattr(cfg, flag)} is impossible: use >= {least} (no morphing: --morph off)")
         self.cfg = cfg
-        self.encoder = build_vit(cfg.model, cfg.img_size, cfg.patch_size, layer_scale=cfg.layer_scale)
+        self.encoder = build_vit(cfg.model, cfg.img_size, cfg.patch_size, layer_scale=cfg.layer_scale,
+                                 drop_path=cfg.drop_path)
         self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, self.encoder.dim), std=0.02))
         if cfg.teacher == "clip":
             self.teacher = load_clip_visual(cfg.teacher_ckpt)
-        elif cfg.teacher == "ema":  # starts as the student, then follows it (ema_update)
+        elif cfg.teacher == "ema":  # starts as the student, then follows it (ema_update); no drop path
             self.teacher = copy.deepcopy(self.encoder)
+            for m in self.teacher.modules():
+                if isinstance(m, DropPath):
+                    m.p = 0.0
         elif cfg.teacher == "random":
             with torch.random.fork_rng(devices=[]):  # fixed weights; the training RNG stream is untouched
                 torch.manual_seed(0)
@@ -430,6 +463,26 @@ class Model(nn.Module):
         """--teacher ema: teacher <- momentum * teacher + (1 - momentum) * student encoder."""
         for t, s in zip(self.teacher.parameters(), self.encoder.parameters()):
             t.lerp_(s.detach(), 1.0 - momentum)
+
+    def trained_state(self):
+        """What a checkpoint keeps: the state without a CLIP tower (frozen, ~344 MB: its file is named)."""
+        clip = self.cfg.teacher == "clip"
+        return {k: v for k, v in self.state_dict().items() if not (clip and k.startswith("teacher."))}
+
+    def load_trained_state(self, ckpt):
+        """Inverse of trained_state: the CLIP tower is the one just read from --teacher_ckpt, which must be
+        the file the run started with (same sha256)."""
+        saved, now = ckpt.get("teacher_file"), getattr(self.teacher, "file", None)
+        if saved and (now is None or now["sha256"] != saved["sha256"]):
+            have = (f"--teacher_ckpt {now['path']} differs" if now else
+                    f"this command has --teacher {self.cfg.teacher}")
+            die(f"this run's CLIP teacher is {saved['path']} (sha256 {saved['sha256'][:12]}...) but {have}: "
+                "restore that file and pass it as --teacher_ckpt, or start a new --out_dir")
+        if now and not saved:
+            die(f"this run was trained with --teacher {ckpt['config']['teacher']}, not clip; "
+                "resume with that teacher or start a new --out_dir")
+        tower = {k: v for k, v in self.state_dict().items() if k.startswith("teacher.")} if saved else {}
+        self.load_state_dict({**ckpt["model"], **tower})
 
     @torch.no_grad()
     def visualize(self, images, path):
@@ -572,12 +625,13 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on biases, norms, gains and tokens (ndim < 2 or a *token parameter)."""
+def param_groups(model, weight_decay, skip=()):
+    """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
+    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+            (no_decay if p.ndim < 2 or name.rsplit(".", 1)[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -692,28 +746,30 @@ def train(cfg: Config):
     batched = common.BatchCrop(cfg.data, cfg.img_size, scale=(0.2, 1.0), source_jitter=(0.4, 0.4, 0.4, 0.0))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
                                 batched=batched, device=device)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
+    steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
+    if steps_per_epoch == 0 or cfg.accum_iter < 1:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs x --accum_iter {cfg.accum_iter} must be >= 1 and "
+            f"at most the dataset ({len(dataset)} images)")
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
     # model and optimizer
     model = Model(cfg).to(device)
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
-    lr = cfg.blr * math.sqrt(cfg.batch_size * world / 256)  # DTM scales lr with sqrt(batch)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.98),
-                            fused=device.type == "cuda")
+    lr = cfg.blr * math.sqrt(eff_batch / 256)  # DTM scales lr with sqrt(effective batch)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, skip=("cls_token",)), lr=lr, betas=(0.9, 0.98),
+                            fused=device.type == "cuda")  # BEiT v2: pos_embed, cls_token exempt; mask token decayed
 
     # resume: the same command continues the run in out_dir
     path, step = os.path.join(cfg.out_dir, "checkpoint.pt"), 0
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "knn_every", "device", "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
-        model.load_state_dict(ckpt["model"])
+        model.load_trained_state(ckpt)  # a CLIP tower comes from its file, checked against the saved sha256
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         if len(ckpt["rng"]) == world:
@@ -730,8 +786,13 @@ def train(cfg: Config):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
-    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x sqrt({cfg.batch_size * world}/256))"
+    log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
+              f"(the paper's ImageNet run: 2048, BEiT v2's recipe)"
+              f" | lr {lr:.3e} (blr {cfg.blr:.2e} x sqrt({eff_batch}/256))"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
+    if cfg.data == "imagenet" and cfg.teacher != "clip":
+        log.print("note: the paper's ImageNet recipe distils a CLIP ViT-B/16 teacher (--teacher clip --teacher_ckpt"
+                  f" ViT-B-16.pt); this run uses the {dict(ema='EMA', random='frozen random')[cfg.teacher]} teacher")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -741,17 +802,19 @@ def train(cfg: Config):
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(epoch):
-        state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
+        state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.trained_state(),
                  "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "rng": rng_states(world)}
+        if cfg.teacher == "clip":  # the frozen tower's file path and sha256, not its weights
+            state["teacher_file"] = model.teacher.file
         if master:
             save_checkpoint(path, state)
 
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
-    epoch = step // steps_per_epoch
+    epoch, micro = step // steps_per_epoch, 0  # micro: micro-batches accumulated towards the next step
     while step < stop:
-        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for images, _ in loader:
             data_wait += time.time() - t_data
@@ -759,16 +822,22 @@ def train(cfg: Config):
             lr_now = cosine_schedule(step, total, lr, 1e-5, warmup=int(cfg.warmup_epochs * steps_per_epoch))
             for g in opt.param_groups:
                 g["lr"] = lr_now
+            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
             with ctx:
                 target = model.targets(images)  # the teacher runs outside DDP (no trainable params)
                 loss, stats = fwd(images, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            micro = (micro + 1) % cfg.accum_iter
+            if micro:  # not yet the last micro-batch of this optimizer step
+                t_data = time.time()
+                continue
             torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)  # official clip 3.0
             opt.step()
+            opt.zero_grad(set_to_none=True)
             if cfg.teacher == "ema":  # momentum 0.996 -> 1 (cosine) after every student step
                 model.ema_update(cosine_schedule(step, total, cfg.ema_momentum, 1.0))
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and step % cfg.vis_every == 0:
@@ -783,7 +852,7 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
                     log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
                               f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
@@ -794,7 +863,7 @@ def train(cfg: Config):
                     checkpoint(epoch)
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
-            if step >= stop:
+            if step >= stop or step % steps_per_epoch == 0:  # an epoch's leftover micro-batches: unused
                 break
             t_data = time.time()
         if _stop_signal:
@@ -802,13 +871,15 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
-    imgs, peak = (step - step0) * cfg.batch_size * world, peak_memory_gb(device)
+    imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
     flops = count_flops((model,), lambda m: m(images, m.targets(images))[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
-              + flops_summary(flops, step - step0, wall, device, cfg.peak_tflops))
+              + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()
 

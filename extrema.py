@@ -21,6 +21,7 @@ Deviations from the official code:
     ImageNet and large folders) are cropped and coloured in batches on the device (common.py: roi_align,
     area-averaged when a box shrinks, like PIL's antialiasing; colour ops in float, no uint8 rounding);
   - the EMA update runs at the top of the training step, not inside forward: same order, same values;
+    with --accum_iter (not in the official code) once per optimizer step: exactly a bigger batch;
   - the sin-cos table is a non-persistent buffer, not a frozen parameter; the patch embedding is
     `patch_embed.weight` (official `patch_embed.proj.weight`); the other parameter names match;
   - the probe is common.py's fast protocol (cached features, lr sweep, kNN), not the 90-epoch SGD run;
@@ -67,7 +68,8 @@ class Config:
     patch_size: int = 0            # ViT patch size in pixels; preset picks
     epochs: int = 0                # length of the schedules; preset picks
     max_steps: int = 0             # stop after this many optimizer steps (0 = all epochs)
-    batch_size: int = 0            # images per GPU per step; preset picks
+    batch_size: int = 0            # images per GPU per micro-batch; preset picks
+    accum_iter: int = 1            # micro-batches per optimizer step (MAE): batch x GPUs x this images a step
     blr: float = 0.0               # base learning rate; lr = blr x effective batch / 256 (DTM: sqrt rule)
     weight_decay: float = 0.0      # AdamW weight decay; preset picks
     warmup_epochs: float = 0.0     # linear lr warm-up; preset picks
@@ -77,6 +79,7 @@ class Config:
     log_every: int = 20            # steps between log lines
     device: str = "auto"           # auto | cuda | cpu
     vis_every: int = 0             # steps between visualisation PNGs in out_dir (0 = off)
+    knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     # <<< shared: config
     num_masks: int = 5             # K disjoint masks per image, one batch of K*B in the encoder (paper 5; 8 at 90%)
@@ -133,6 +136,8 @@ def parse_config(argv=None) -> Config:
     if data not in common.DATASETS:
         die(f"unknown --data {data}; choose one of {', '.join(common.DATASETS)}")
     cfg = Config(**{**preset(data, given), **given})
+    if "knn_every" not in given and data not in ("synthetic", "imagenet", "folder"):  # small data: online kNN
+        cfg.knn_every = max(1, cfg.epochs // 10)  # ten times a run, < 10% of its time
     cfg.out_dir = cfg.out_dir or os.path.join("out", f"{METHOD}-{data}")
     return cfg
 # <<< shared: parse_config
@@ -187,8 +192,9 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
             return out
-        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32
-        attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
+        # the first query's attention row ([CLS] -> all tokens), recomputed cheaply in fp32 (autocast off)
+        with torch.autocast(x.device.type, enabled=False):
+            attn = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * (D // self.heads) ** -0.5
         return out, attn.softmax(-1)[:, :, 0]                         # (B, h, T)
 
 
@@ -257,14 +263,16 @@ class ViT(nn.Module):
     def forward(self, images, mask=None, mask_token=None, keep=None, return_attn=False):
         x = self.patch_embed(images)                                   # (B, D, gh, gw)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)                               # (B, N, D)
+        # the residual stream (and every LayerNorm input) stays fp32 under bf16 autocast, as in the official
+        # models, where the fp32 position table promotes it; only the matmuls inside the blocks run in bf16
+        x = x.flatten(2).transpose(1, 2).float()                       # (B, N, D)
         if mask is not None:  # substitute the mask token before positions are added
-            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
-        x = x + self.pos_embed(gh, gw).to(x.dtype)
+            x = torch.where(mask[..., None], mask_token.float(), x)
+        x = x + self.pos_embed(gh, gw)
         if keep is not None:  # token dropping: only these tokens enter the blocks
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+K, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).float(), x], dim=1)  # (B, 1+K, D)
         for blk in self.blocks[:-1]:
             x = blk(x)
         x = self.blocks[-1](x, return_attn)
@@ -334,13 +342,13 @@ class ExtremaEncoder(ViT):
         """keep: (K*B, n) visible indices, row k*B + b from image b, or None (whole image) -> (K*B or B, D)."""
         B = images.shape[0]
         x = self.patch_embed(images)                                       # (B, D, gh, gw)
-        x = x.flatten(2).transpose(1, 2) + self.pos_embed(*x.shape[-2:]).to(x.dtype)  # (B, N, D), before the gather
+        x = x.flatten(2).transpose(1, 2).float() + self.pos_embed(*x.shape[-2:])  # (B, N, D) fp32 stream, as the ViT
         if keep is not None:                                               # token dropping: visible tokens only
             img = torch.arange(keep.shape[0], device=keep.device) % B     # (K*B,) source image of each row
             x = x[img[:, None], keep]                                      # (K*B, n, D)
         for blk in self.blocks:                                            # no class token in the trunk
             x = blk(x)
-        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)       # (B', 1, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1).float()           # (B', 1, D)
         for blk in self.blocks_token:                                      # patch tokens are never updated
             cls = blk(x, cls)
         return self.norm(cls[:, 0])                                        # (B', D)
@@ -484,12 +492,13 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model, weight_decay):
-    """No weight decay on biases, norms, gains and tokens (ndim < 2 or a *token parameter)."""
+def param_groups(model, weight_decay, skip=()):
+    """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
+    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("token") else decay).append(p)
+            (no_decay if p.ndim < 2 or name.rsplit(".", 1)[-1] in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -607,9 +616,11 @@ def train(cfg: Config):
                else common.BatchCrop(cfg.data, cfg.img_size, **crop))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
                                 batched=batched, device=device)
-    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
-    if steps_per_epoch == 0:
-        die(f"--batch_size {cfg.batch_size} x {world} GPUs is larger than the dataset ({len(dataset)} images)")
+    eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
+    steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
+    if steps_per_epoch == 0 or cfg.accum_iter < 1:
+        die(f"--batch_size {cfg.batch_size} x {world} GPUs x --accum_iter {cfg.accum_iter} must be >= 1 and "
+            f"at most the dataset ({len(dataset)} images)")
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
@@ -617,16 +628,16 @@ def train(cfg: Config):
     model = Model(cfg).to(device)
     target = make_target(cfg, model.encoder).to(device)                # EMA encoder + projector, outside DDP
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
-    lr = cfg.blr * cfg.batch_size * world / 256
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    lr = cfg.blr * eff_batch / 256
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, skip=("cls_token",)), lr=lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")  # timm add_weight_decay with no_weight_decay()
 
     # resume: the same command continues the run in out_dir
     path, step = os.path.join(cfg.out_dir, "checkpoint.pt"), 0
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("max_steps", "log_every", "num_workers", "vis_every", "knn_every", "device", "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         model.load_state_dict(ckpt["model"])
@@ -647,7 +658,9 @@ def train(cfg: Config):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
-    log.print(f"effective batch {cfg.batch_size * world} | lr {lr:.3e} (blr {cfg.blr:.2e} x {cfg.batch_size * world}/256)"
+    log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
+              f"(the paper's ImageNet run: 2048 = 8 GPUs x 256)"
+              f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -667,9 +680,9 @@ def train(cfg: Config):
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     t_start, t_log, data_wait, log_steps, step0 = time.time(), time.time(), 0.0, 0, step
-    epoch = step // steps_per_epoch
+    epoch, micro = step // steps_per_epoch, 0  # micro: micro-batches accumulated towards the next step
     while step < stop:
-        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.batch_size)
+        loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for views, _ in loader:
             data_wait += time.time() - t_data
@@ -679,16 +692,23 @@ def train(cfg: Config):
             for g in opt.param_groups:
                 g["lr"] = lr_now
             m = ema_momentum(step, total, cfg.ema_momentum)
-            ema_update(target, model.encoder, m)  # uses the online weights of the last step (a no-op at step 0)
+            if micro == 0:  # once per optimizer step, from the last step's online weights (no-op at step 0)
+                ema_update(target, model.encoder, m)
+            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
             with ctx:
                 with torch.no_grad():
                     z = target.head(tgt(images_t))                      # (B, C) whole image, never masked
                 loss, stats = fwd(images, z)
             stats["ema"] = torch.tensor(m)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            micro = (micro + 1) % cfg.accum_iter
+            if micro:  # not yet the last micro-batch of this optimizer step
+                t_data = time.time()
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and step % cfg.vis_every == 0:
@@ -703,7 +723,7 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": cfg.batch_size * world * log_steps / dt,
+                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
                     log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
                               f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
@@ -714,7 +734,7 @@ def train(cfg: Config):
                     checkpoint(epoch)
                     log.print(f"SIGTERM: saved {path} at step {step}; run the same command to resume")
                     break
-            if step >= stop:
+            if step >= stop or step % steps_per_epoch == 0:  # an epoch's leftover micro-batches: unused
                 break
             t_data = time.time()
         if _stop_signal:
@@ -722,13 +742,15 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
+            {"config": dataclasses.asdict(cfg), "target": target.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
-    imgs, peak = (step - step0) * cfg.batch_size * world, peak_memory_gb(device)
+    imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
     flops = count_flops((model, target), lambda m, t: m(images, t.head(t(images_t)).detach())[0], ctx)  # untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
-              + flops_summary(flops, step - step0, wall, device, cfg.peak_tflops))
+              + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()
 

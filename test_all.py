@@ -393,6 +393,94 @@ def test_probe_end_to_end_and_cache(tmp_path):
 
 
 # ----------------------------------------------------------------------------
+# Validation split, online kNN, the study
+
+def test_val_split_is_the_train_tail_or_every_tenth_image():
+    assert common.val_split("fashion-mnist", 60000) == (list(range(50000)), list(range(50000, 60000)))
+    assert common.val_split("cifar100", 50000)[1][0] == 40000
+    assert common.val_split("fashion-mnist", 100) == (list(range(80)), list(range(80, 100)))  # small copy: a fifth
+    assert common.val_split("synthetic", 2000)[1] == list(range(1500, 2000))                  # as its test split
+    rest, val = common.val_split("imagenet", 25)                                              # class-sorted
+    assert val == [9, 19] and sorted(rest + val) == list(range(25))
+    with pytest.raises(SystemExit, match="too few"):
+        common.val_split("synthetic", 3)
+    val, rest = (common.build_dataset("synthetic", "", s, synthetic_size=40) for s in ("val", "probe-rest"))
+    assert len(val) == 10 and len(rest) == 30 and [val[i][1] for i in range(10)] == [i % 10 for i in range(30, 40)]
+
+
+@pytest.fixture
+def _tiny_synthetic(monkeypatch):
+    """Synthetic at 1/50 of its size: 40 train images (5 steps an epoch at batch 8), 10 test; a fresh kNN cache."""
+    real = common.Synthetic
+    monkeypatch.setattr(common, "Synthetic", lambda n, *a, **k: real(n // 50, *a, **k))
+    monkeypatch.setattr(common, "_knn_sets", {})
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_online_knn_keeps_the_training_stream_and_equals_eval_linear(method, tmp_path, capsys, _tiny_synthetic):
+    """--knn_every 1 after epochs 1 and 2: bitwise the same weights and RNG state as without it; `knn` lines
+    in log.txt and metrics.jsonl; the number eval_linear.py --split val gives for that checkpoint (the online
+    sets are below their cap here, so they are eval_linear's: 30 train images minus val, 10 val)."""
+    args = method_args(method) + ["--max_steps", "10"]
+    run_inprocess(method, args + ["--knn_every", "1"], tmp_path / "knn", capsys)
+    run_inprocess(method, args, tmp_path / "plain", capsys)
+    A, B = load_ckpt(tmp_path / "knn"), load_ckpt(tmp_path / "plain")
+    for k, v in A.items():
+        if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values()):
+            assert all(torch.equal(t, B[k][n]) for n, t in v.items()), k
+    assert A["step"] == 10 and torch.equal(A["rng"][0]["cpu"], B["rng"][0]["cpu"])
+    rows = [json.loads(line) for line in open(tmp_path / "knn" / "metrics.jsonl") if '"knn"' in line]
+    assert [(r["step"], r["epoch"], r["knn_val"], r["knn_bank"]) for r in rows] == [(5, 1.0, 10, 30), (10, 2.0, 10, 30)]
+    assert len(re.findall(r"^knn [\d.]+ \| step", open(tmp_path / "knn" / "log.txt").read(), re.M)) == 2
+    assert '"knn"' not in open(tmp_path / "plain" / "metrics.jsonl").read()
+    import eval_linear
+    res = eval_linear.main(["--ckpt", str(tmp_path / "knn" / "checkpoint.pt"), "--split", "val", "--epochs", "1",
+                            "--num_workers", "0"])
+    assert (res["n_train"], res["n_test"], res["split"]) == (30, 10, "val") and res["knn_top1"] == rows[-1]["knn"]
+
+
+def test_eval_linear_raw_pixels_and_its_errors(tmp_path, capsys):
+    import eval_linear
+    res = eval_linear.main(["--raw_pixels", "--data", "synthetic", "--epochs", "1", "--num_workers", "0",
+                            "--out_dir", str(tmp_path), "--split", "val"])
+    assert res["dim"] == 3 * 32 * 32 and (res["n_train"], res["n_test"]) == (1500, 500)
+    assert os.path.exists(tmp_path / "probe_synthetic_val.json")
+    for argv, hint in [(["--raw_pixels"], "pass --data"), ([], "pass --ckpt")]:
+        with pytest.raises(SystemExit, match=hint):
+            eval_linear.main(argv)
+
+
+def test_study_runs_end_to_end_and_writes_the_table_and_the_plot(tmp_path):
+    """results/study.py at a tiny budget: AMT and DTM each against its baseline, 2 epochs of 8 steps on a
+    64-image Fashion-MNIST copy, pico ViT, the workers in this process (--parallel 0): one row per run, the
+    random-init and raw-pixel rows, a PNG with both methods' colours."""
+    g = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 20)):
+        y = np.arange(n) % 10
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", g.integers(0, 120, (n, 28, 28)) + y[:, None, None] * 12)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", y)
+    import importlib.util
+    res, spec = tmp_path / "res", importlib.util.spec_from_file_location("study", os.path.join(HERE, "results", "study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = ["--data", "fashion-mnist", "--data_dir", str(tmp_path), "--epochs", "2", "--seeds", "0", "--methods", "amt",
+            "dtm", "--parallel", "0", "--probe_epochs", "2", "--out_dir", str(res), "--model", "vit_pico",
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--log_every", "4"]
+    assert study.main(argv) == 0
+    md = open(res / "fashion-mnist.md").read()
+    runs = re.findall(r"^\| (\w+-\w+-s0) \| 0 \| 16 \| 2\.00 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
+                      md.split("## Every run")[1], re.M)
+    assert sorted(runs) == ["amt-baseline-s0", "amt-paper-s0", "dtm-baseline-s0", "dtm-paper-s0"], md
+    assert md.count("random init (same architecture)") == 2 and re.search(r"^\| raw pixels .*\| [\d.]+ \|$", md, re.M)
+    assert "baseline `--amt off`" in md and "baseline `--morph off`" in md and " ".join(argv) in md
+    for run in runs:  # logs kept, the online kNN after both epochs
+        assert open(res / "runs-fashion-mnist" / run / "metrics.jsonl").read().count('"knn"') == 2
+    png = Image.open(res / "fashion-mnist.png").convert("RGB")
+    colours = set(map(tuple, np.asarray(png).reshape(-1, 3).tolist()))
+    assert png.size == (1100, 620) and (255, 127, 14) in colours and (44, 160, 44) in colours
+
+
+# ----------------------------------------------------------------------------
 # The contract every method file keeps (parametrised over the method files present)
 
 # flags a method needs on top of TINY for a 4-step CPU run (e.g. a ViT instead of its default backbone)
@@ -464,9 +552,15 @@ def test_train_resume_finish_probe(method, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", PRESENT)
 def test_torchrun_two_processes(method, tmp_path):
-    r = run_torchrun(f"{method}.py", method_args(method) + ["--max_steps", "3"], tmp_path)
+    """2 ranks x 2 micro-batches of 4 (gradients all-reduced on the second only)."""
+    a = method_args(method) + ["--max_steps", "3"]
+    r = run_torchrun(f"{method}.py", a + ["--batch_size", "4", "--accum_iter", "2"], tmp_path / "accum")
     assert "device cpu x 2" in r.stdout and re.search(r"^summary \| .*steps 3", r.stdout, re.M)
-    assert load_ckpt(tmp_path)["step"] == 3
+    assert "effective batch 16 = 4 x 2 GPUs x accum 2" in r.stdout and load_ckpt(tmp_path / "accum")["step"] == 3
+    if method == "extrema":  # = 2 ranks x 8 (each rank draws its masks row by row from its own stream): ~3e-5
+        # apart (Adam's eps on the key biases' rounding-noise gradients), ~7e-3 without the last all-reduce
+        run_torchrun(f"{method}.py", a, tmp_path / "big")
+        assert max_param_diff(load_ckpt(tmp_path / "accum")["model"], load_ckpt(tmp_path / "big")["model"]) < 2e-4
 
 
 def test_eval_linear_under_torchrun_matches_one_process(tmp_path, capsys):
@@ -536,6 +630,138 @@ def test_bad_input_never_loses_a_checkpoint(method, tmp_path, capsys):
     # the same one-line errors from the command line, without a traceback
     r = run_script(f"{method}.py", ["--bogus"], tmp_path / "cli", check=False)
     assert r.returncode != 0 and r.stderr.strip().startswith("error: unknown argument") and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------
+# Precision, weight-decay groups and gradient accumulation (all five)
+
+def _stream_dtypes(blocks, run):
+    """Run `run()` under CPU bf16 autocast; return the dtypes of every block's tensor inputs and outputs, and
+    of the first block's last Linear output (which must be bf16: the matmuls still run in half precision)."""
+    seen, lin = set(), []
+    def hook(mod, args, out):
+        seen.update(t.dtype for t in [*args, *(out if isinstance(out, tuple) else [out])] if torch.is_tensor(t))
+    hooks = [b.register_forward_hook(hook) for b in blocks]
+    first = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)][-1]
+    hooks.append(first.register_forward_hook(lambda m, a, o: lin.append(o.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run()
+    for h in hooks:
+        h.remove()
+    return seen, lin[0]
+
+
+def test_residual_stream_is_fp32_under_bf16_autocast():
+    """The official models add an fp32 position table, so their residual stream (and LayerNorm inputs) is fp32
+    under autocast: so is ours, in every method's blocks (shared ViT, AMT decoder, ExtreMA class attention,
+    A2MIM's token injection, DTM's CLIP tower), while the Linear layers still compute in bf16."""
+    torch.manual_seed(0)
+    x, B = torch.randn(2, 3, 32, 32), 2
+    m = amt.Model(amt.parse_config(TINY))
+    cases = {"amt": ([*m.encoder.blocks, *m.decoder], lambda: m(x, torch.ones(B, 64), 28, 26))}
+    a = am.Model(_attmask_tiny_cfg("--local_crops", "2", "--local_size", "16"))
+    cases["attmask"] = ([*a.student.blocks, *a.teacher.blocks], lambda: a([x, x, x[:, :, :16, :16]], 0, 0))
+    d = dtm.Model(_dtm_tiny_cfg())
+    cases["dtm"] = (list(d.encoder.blocks), lambda: d(x, d.targets(x)))
+    sd = _dtm_openai_state_dict(width=64)
+    clip = dtm.CLIPVisual({k[7:]: v for k, v in sd.items() if k.startswith("visual.")})
+    cases["dtm clip"] = (list(clip.blocks), lambda: clip(torch.randn(B, 3, 56, 56)))
+    v = a2mim.Model(_a2mim_cfg_of("--model", "vit_pico", "--mask_layer", "1"))
+    cases["a2mim"] = (list(v.encoder.blocks), lambda: v(x))
+    e = ex.Model(_extrema_tiny_cfg(num_masks=2))
+    cases["extrema"] = ([*e.encoder.blocks, *e.encoder.blocks_token], lambda: e(x, torch.randn(B, 256)))
+    for name, (blocks, run) in cases.items():
+        dtypes, linear = _stream_dtypes(blocks, run)
+        assert dtypes == {torch.float32} and linear == torch.bfloat16, (name, dtypes, linear)
+
+
+# no weight decay beyond the 1-d tensors (biases, norms, gains), as each official code's optimizer groups
+WD_EXEMPT = {"amt": set(),                             # timm add_weight_decay without a skip list
+             "attmask": set(),                         # DINO/iBOT get_params_groups: ndim >= 2 decayed
+             "dtm": {"encoder.cls_token"},             # BEiT v2: pos_embed, cls_token (mask token decayed)
+             "a2mim": {"encoder.cls_token", "mask_token"},  # ViT config: + pos_embed, mask_token (0.1x lr group)
+             "extrema": {"encoder.cls_token"}}         # no_weight_decay() = {pos_embed, cls_token}
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_weight_decay_groups_follow_each_official_code(method, tmp_path, monkeypatch):
+    """What train() hands to AdamW: the decayed / exempt split by parameter name, against the spec."""
+    mod, built, groups = importlib.import_module(method), [], []
+
+    class Recorded(mod.Model):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            built.append(self)
+
+    def adamw(params, weight_decay=0.01, **kw):
+        groups.extend({**g, "weight_decay": g.get("weight_decay", weight_decay)} for g in params)
+        raise KeyboardInterrupt  # stop train() right there
+
+    monkeypatch.setattr(mod, "Model", Recorded)
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    args = method_args(method) + (["--model", "vit_pico"] if method == "a2mim" else [])
+    with pytest.raises(KeyboardInterrupt):
+        mod.train(mod.parse_config(args + ["--out_dir", str(tmp_path)]))
+    names = {id(p): n for n, p in built[0].named_parameters() if p.requires_grad}
+    exempt = [names.pop(id(p)) for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    decayed = [names.pop(id(p)) for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert not names, names                            # every trainable tensor in exactly one group
+    model = dict(built[0].named_parameters())
+    assert set(exempt) == {n for n in exempt + decayed if model[n].ndim < 2} | WD_EXEMPT[method]
+    tokens = {n for n in exempt + decayed if n.endswith("token")}
+    assert tokens and tokens - WD_EXEMPT[method] <= set(decayed), tokens
+
+
+# settings under which an optimizer step over accum_iter micro-batches is exactly one bigger batch: the same
+# images and crops (seeded per sample), masks drawn row by row from the same stream (or fixed), no drop path,
+# nothing batch-level that sees a micro-batch (AttMask's centres frozen, A2MIM's batch spectrum off); each
+# header says what differs outside them
+ACCUM_EXACT = {"amt": ["--amt", "off"], "extrema": [], "dtm": ["--morph", "off"],
+               "attmask": ["--out_dim", "64", "--head_hidden", "32", "--local_crops", "2", "--drop_path", "0",
+                           "--center_momentum", "1", "--mask_mode", "attmask_high", "--masking_prob", "1"],
+               "a2mim": ["--model", "vit_pico", "--freq_weight", "0"]}
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_accum_iter_equals_a_bigger_batch(method, tmp_path, capsys, monkeypatch):
+    """3 optimizer steps of 2 micro-batches x 8 images == 3 steps of 16 images (weights, EMA teachers)."""
+    if method == "dtm":  # block masks are drawn per batch, attempt by attempt: one fixed mask for every image
+        monkeypatch.setattr(dtm, "block_mask", lambda B, gh, gw, n, *a: (torch.arange(gh * gw) < n).expand(B, -1))
+    if method == "a2mim":  # the SimMIM ViT's drop path 0.1 is not a flag
+        monkeypatch.setattr(a2mim.DropPath, "forward", lambda self, x: x)
+
+    class AdamW(torch.optim.AdamW):  # gradients that are 0 in exact arithmetic (key biases) are rounding noise,
+        def __init__(self, params, **kw):  # which Adam's 1e-8 eps turns into lr-sized steps: a wider eps here
+            super().__init__(params, **{**kw, "eps": 1e-3})
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    a = method_args(method) + ACCUM_EXACT[method] + ["--max_steps", "3"]
+    out = run_inprocess(method, a + ["--batch_size", "8", "--accum_iter", "2"], tmp_path / "accum", capsys)
+    assert "effective batch 16 = 8 x 1 GPUs x accum 2" in out and re.search(r"^summary \| .*steps 3 ", out, re.M)
+    run_inprocess(method, a + ["--batch_size", "16"], tmp_path / "big", capsys)
+    A, B = load_ckpt(tmp_path / "accum"), load_ckpt(tmp_path / "big")
+    states = [k for k, v in A.items() if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values())]
+    for k in states:
+        assert max_param_diff(A[k], B[k]) < 1e-6, k
+    if method == "amt":  # the comparison can fail: half the batch ends far away
+        run_inprocess(method, a + ["--batch_size", "8"], tmp_path / "small", capsys)
+        assert max_param_diff(A["model"], load_ckpt(tmp_path / "small")["model"]) > 1e-4
+    if method in ("amt", "extrema"):  # resume between optimizer steps: the data position counts micro-batches
+        acc = ["--batch_size", "8", "--accum_iter", "2"]
+        run_inprocess(method, a[:-1] + ["1"] + acc, tmp_path / "resumed", capsys)         # 1 step, then 2 more
+        assert "resumed" in run_inprocess(method, a + acc, tmp_path / "resumed", capsys)
+        C = load_ckpt(tmp_path / "resumed")
+        assert C["step"] == 3 and all(max_param_diff(A[k], C[k]) < 1e-6 for k in states)
+
+
+def test_imagenet_presets_give_each_papers_images_per_step_on_8_gpus():
+    """batch x 8 GPUs x accum_iter = the paper's images per step (AMT's official 4 x 128 x 8, A2MIM ViT-B 8 x 128
+    x 2, AttMask's 4 x 60)."""
+    want = {"amt": (4096, 4), "attmask": (240, 1), "dtm": (2048, 1), "a2mim": (2048, 1), "extrema": (2048, 1)}
+    for m in PRESENT:
+        cfg = importlib.import_module(m).parse_config(["--data", "imagenet"])
+        assert (cfg.batch_size * 8 * cfg.accum_iter, cfg.accum_iter) == want[m], m
+    vit = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])
+    assert (vit.batch_size, vit.accum_iter) == (128, 2)
 
 
 # ----------------------------------------------------------------------------
@@ -616,6 +842,79 @@ def test_attmask_ratio_per_step_and_ibot_baselines():
         pairs = (m[:, 1:] & m[:, :-1]).sum() + (m[:, :, 1:] & m[:, :, :-1]).sum()
         return (pairs / m.sum()).item()
     assert neighbours(blk) > 1.5 * neighbours(rnd.view(-1, 14, 14))
+
+
+def test_attmask_hint_count_from_a_second_independent_ratio_draw():
+    # official: get_pred_ratio() is called twice per step, once for the mask, once for the hints (spec 3.3b)
+    high_cfg = _attmask_tiny_cfg("--mask_mode", "attmask_high", "--masking_prob", "1")
+    hint_cfg = _attmask_tiny_cfg("--mask_mode", "attmask_hint", "--masking_prob", "1")
+    attn, steps = torch.rand(2, 2, 197), range(1500)
+    torch.manual_seed(0)
+    high = torch.stack([am.make_mask(high_cfg, attn, s, 14, 14) for s in steps])   # (S, 2, N)
+    hint = torch.stack([am.make_mask(hint_cfg, attn, s, 14, 14) for s in steps])
+    assert not (hint & ~high).any()
+    n_high, shown = high.sum(2).float(), (high & ~hint).sum(2).float()        # (S, 2)
+    rngs = [__import__("random").Random(s) for s in steps]                     # seed 0: (seed, step) -> step
+    r2 = torch.tensor([(g.uniform(0.1, 0.5), g.uniform(0.1, 0.5))[1] for g in rngs])
+    assert torch.equal(shown, (196 * (0.1 * r2)).floor()[:, None].expand(-1, 2))  # floor(N s r'), r' the 2nd draw
+    share = (shown / n_high)[:, 0]
+    assert share.max() > 0.35 and (share > 0.1).float().mean() > 0.15         # official: up to ~47%
+    assert abs(torch.corrcoef(torch.stack([n_high[:, 0], shown[:, 0]]))[0, 1]) < 0.1  # independent of r
+    # equal draws (r' = r) give today's masks: at most 10% of the High set revealed
+    a = _attmask_distinct_attention(4, 196)
+    for r in torch.linspace(0.1, 0.5, 41).tolist():
+        torch.manual_seed(2)
+        same = am.attmask(a, r, "attmask_hint", 1.0, 0.1, r)
+        torch.manual_seed(2)
+        assert torch.equal(same, am.attmask(a, r, "attmask_hint", 1.0, 0.1))
+        hi = am.attmask(a, r, "attmask_high", 1.0, 0.1)
+        assert ((hi & ~same).sum(1) == int(196 * (0.1 * r))).all() and int(196 * (0.1 * r)) <= 0.1 * hi.sum(1)[0]
+
+
+def _pieces(m):
+    """(R, h, w) bool -> (R,) number of 4-connected pieces: every cell takes the smallest label around it
+    until nothing changes, then a piece is a cell that kept its own label."""
+    R, h, w = m.shape
+    own = torch.arange(h * w).view(1, h, w)
+    lab = torch.where(m, own, h * w)
+    while True:
+        p = F.pad(lab, (1, 1, 1, 1), value=h * w)
+        near = torch.stack([p[:, 1:-1, 1:-1], p[:, :-2, 1:-1], p[:, 2:, 1:-1],
+                            p[:, 1:-1, :-2], p[:, 1:-1, 2:]]).amin(0)              # self and 4 neighbours
+        new = torch.where(m, near, h * w)
+        if torch.equal(new, lab):
+            return (m & (lab == own)).sum((1, 2))
+        lab = new
+
+
+def test_attmask_block_masks_fragment_like_the_official_generator():
+    hand = torch.zeros(1, 5, 5, dtype=torch.bool)
+    hand[0, 0, :3] = hand[0, 1, 2] = hand[0, 3, 0] = hand[0, 2:, 4] = True       # an L, a dot, a bar
+    assert _pieces(hand).tolist() == [3]
+    # official iBOT loader: block area ~ U[16, r N - count], r N not floored; with the floored cap the
+    # end of a mask fills up with 1-patch blocks (1.43 pieces per crop). The official generator gives 1.32
+    # (1.336 +- 0.008 over 4000 of its masks): 3000 masks have a standard error of ~0.01, so 0.04 is 4 SE
+    torch.manual_seed(0)
+    ratios = 0.1 + 0.4 * torch.rand(3000)
+    m = am.block_mask(ratios, 14, 14).view(-1, 14, 14)
+    assert abs(_pieces(m).float().mean().item() - 1.32) < 0.04
+    assert (m.flatten(1).sum(1) <= (ratios * 196).floor()).all()                # never over floor(r N)
+
+
+def test_attmask_head_logits_and_softmaxes_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    head, x = am.Head(32, 64, 32), torch.randn(3, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, z = head(x), head.mlp(x)                                           # z: the bf16 bottleneck
+    assert z.dtype == torch.bfloat16 and out.dtype == torch.float32
+    ref = F.normalize(z.float(), dim=-1) @ (head.g * F.normalize(head.v, dim=1)).T  # the last layer in fp32
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    model = am.Model(_attmask_tiny_cfg("--masking_prob", "1"))
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t_out = model.teacher_head(model.teacher(torch.cat(crops[:2])))
+        loss = model(crops, 0, 0)[0]
+    assert t_out.dtype == torch.float32 and loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 def test_attmask_one_teacher_pass_gives_targets_and_the_attention(monkeypatch):
@@ -1273,6 +1572,69 @@ def test_dtm_teacher_bad_input(tmp_path):
             dtm.Model(_dtm_tiny_cfg(*flags))
 
 
+def test_dtm_impossible_morph_settings_are_one_line_errors(tmp_path):
+    r = run_script("dtm.py", TINY + ["--morph_k_max", "0", "--max_steps", "1"], tmp_path, check=False)  # as a user
+    assert r.returncode != 0 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--morph_k_max 0" in r.stderr, r.stderr
+    for flag, bad in (("morph_levels", "0"), ("morph_n_max", "-1")):           # the same check, in-process
+        with pytest.raises(SystemExit, match=f"--{flag} {bad} is impossible: use >= ") as e:
+            dtm.Model(_dtm_tiny_cfg(f"--{flag}", bad))
+        assert "\n" not in str(e.value)
+
+
+def test_dtm_drop_path_in_the_student_only_and_zero_in_the_presets():
+    assert [dtm.parse_config(["--data", d]).drop_path for d in ("imagenet", "cifar10", "synthetic")] == [0, 0, 0]
+    torch.manual_seed(0)
+    model = dtm.Model(_dtm_tiny_cfg("--drop_path", "0.2"))                      # ema teacher: a copy of the student
+    assert [b.drop_path.p for b in model.encoder.blocks] == [0.0, 0.2]         # linear over depth, 0 first
+    assert [b.drop_path.p for b in model.teacher.blocks] == [0.0, 0.0]
+    x = torch.randn(16, 3, 32, 32)
+    assert not torch.equal(model.encoder(x), model.encoder(x))                # train mode: random depth
+    assert torch.equal(model.targets(x), model.targets(x))
+
+
+def _dtm_imagenet_folder(root):
+    for c in ("n01", "n02"):
+        os.makedirs(root / "train" / c)
+        for i in range(4):
+            pixels = np.random.RandomState(i + 10 * len(c)).randint(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / c / f"{i}.png")
+    return ["--data", "imagenet", "--data_dir", str(root), "--model", "vit_pico", "--img_size", "32", "--patch_size",
+            "4", "--batch_size", "4", "--num_workers", "0", "--min_mask_block", "4", "--morph_k_max", "8",
+            "--log_every", "1", "--warmup_epochs", "0"]
+
+
+def test_dtm_clip_checkpoint_names_the_tower_file_and_imagenet_says_which_teacher(tmp_path, capsys):
+    import hashlib
+    args = _dtm_imagenet_folder(tmp_path / "imagenet")
+    clip = tmp_path / "clip.pt"
+    torch.save(_dtm_openai_state_dict(), clip)
+    sha = hashlib.sha256(clip.read_bytes()).hexdigest()
+    c_args = args + ["--teacher", "clip", "--teacher_ckpt", str(clip)]
+    out = run_inprocess("dtm", c_args + ["--max_steps", "3"], tmp_path / "straight", capsys)
+    assert "note:" not in out                                                 # the paper's teacher: nothing to say
+    run_inprocess("dtm", c_args + ["--max_steps", "2"], tmp_path / "halves", capsys)
+    ckpt = load_ckpt(tmp_path / "halves")
+    assert not any(k.startswith("teacher.") for k in ckpt["model"])          # the frozen tower is not saved...
+    assert ckpt["teacher_file"] == {"path": str(clip.resolve()), "sha256": sha}  # ...its file is named instead
+    assert "resumed" in run_inprocess("dtm", c_args + ["--max_steps", "3"], tmp_path / "halves", capsys)
+    assert max_param_diff(load_ckpt(tmp_path / "straight")["model"], load_ckpt(tmp_path / "halves")["model"]) < 1e-6
+    torch.save(_dtm_openai_state_dict(seed=1), clip)                         # the file changed
+    with pytest.raises(SystemExit, match="sha256") as e:
+        run_inprocess("dtm", c_args + ["--max_steps", "4"], tmp_path / "halves", capsys)
+    clip.unlink()                                                             # the file is gone
+    with pytest.raises(SystemExit, match="is not a file") as e2:
+        run_inprocess("dtm", c_args + ["--max_steps", "4"], tmp_path / "halves", capsys)
+    assert "\n" not in str(e.value) + str(e2.value) and load_ckpt(tmp_path / "halves")["step"] == 3
+    # --data imagenet with the EMA teacher: one start-up line says it is not the paper's recipe
+    out = run_inprocess("dtm", args + ["--max_steps", "1"], tmp_path / "ema", capsys)
+    note = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "CLIP" in note[0] and "EMA teacher" in note[0], out
+    torch.save(_dtm_openai_state_dict(), clip)
+    with pytest.raises(SystemExit, match="trained with --teacher ema"):     # a CLIP resume of an EMA run
+        run_inprocess("dtm", c_args + ["--max_steps", "2"], tmp_path / "ema", capsys)
+
+
 # ----------------------------------------------------------------------------
 # Learning
 
@@ -1457,16 +1819,37 @@ def test_a2mim_resnet_resume_groups_and_probe(tmp_path, capsys):
     A, B = load_ckpt(s), load_ckpt(h)
     assert max_param_diff(A["model"], B["model"]) < 1e-6 and torch.equal(A["model"]["encoder.stem.1.running_var"],
                                                                         B["model"]["encoder.stem.1.running_var"])
-    # mask token + gate: their own group, 0.1x lr, no weight decay (Sec. 5.1)
+    # mask token + gate (small recipes, as the 100-epoch config): their own group, 0.1x lr, no weight decay
     groups, state = A["optimizer"]["param_groups"], A["optimizer"]["state"]
     tok = [g for g in groups if "lr_scale" in g]
     assert len(tok) == 1 and tok[0]["lr_scale"] == 0.1 and tok[0]["weight_decay"] == 0.0
     assert [state[i]["exp_avg"].shape for i in tok[0]["params"]] == [(1, 128, 1, 1)] * 2
-    assert tok[0]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
+    cfg, lr = a2mim.Config(**A["config"]), 0.01 * 8 / 256                     # the last step was step 3
+    total = cfg.epochs * (2000 // 8)
+    assert tok[0]["lr"] == pytest.approx(a2mim.lr_at(cfg, 3, total, 0.1 * lr, 0, 250), rel=1e-9)  # own cosine to 1e-5
+    assert groups[0]["lr"] == pytest.approx(a2mim.lr_at(cfg, 3, total, lr, 0, 250), rel=1e-9)
     enc = a2mim.load_encoder(A)
     assert isinstance(enc[0], a2mim.ResNet) and not enc.training
     res = common.probe(enc, "synthetic", "", 32, num_workers=0, epochs=3, synthetic_size=200)
     assert res["dim"] == 256 and 0 <= res["linear_top1"] <= 100
+
+
+def test_a2mim_300_epoch_gate_group_and_the_1e5_floor_of_every_group(tmp_path, capsys):
+    assert not a2mim.parse_config(["--data", "imagenet"]).gate_like_token          # 300-epoch R50 config
+    assert a2mim.parse_config(["--data", "cifar10"]).gate_like_token               # 100-epoch config's choice
+    run_inprocess("a2mim", _a2mim_RES + ["--max_steps", "1", "--gate_like_token", "0"], tmp_path, capsys)
+    groups, state = (load_ckpt(tmp_path)["optimizer"][k] for k in ("param_groups", "state"))
+    shapes = [[tuple(state[i]["exp_avg"].shape) for i in g["params"]] for g in groups]
+    single = [g for g, sh in zip(groups, shapes) if sh == [(1, 128, 1, 1)]]     # the token's group, the gate's
+    (tok,), (gate,) = [g for g in single if "lr_scale" in g], [g for g in single if "lr_scale" not in g]
+    assert (tok["lr_scale"], tok["weight_decay"]) == (0.1, 0.0) and "lr_scale" not in gate
+    assert gate["weight_decay"] == 0.05 and gate["lr"] == groups[0]["lr"]       # base lr, decayed
+    # official (mmcv) cosine: min_lr 1e-5 is absolute, so the 0.1x group ends at 1e-5 too, not at 1e-6
+    cfg = a2mim.parse_config(["--data", "imagenet"])
+    ends = [a2mim.lr_at(cfg, s, 1000, base, 100, 10) for base in (1.2e-3, 1.2e-4) for s in (50, 550, 1000)]
+    assert ends == pytest.approx([6e-4, (1.2e-3 + 1e-5) / 2, 1e-5, 6e-5, (1.2e-4 + 1e-5) / 2, 1e-5], rel=1e-9)
+    vit = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])      # step x0.1 at epoch 700 of 800
+    assert [a2mim.lr_at(vit, s, 8000, 4e-4, 100, 10) for s in (6999, 7000, 8000)] == pytest.approx([4e-4, 4e-5, 4e-5])
 
 
 def test_a2mim_resnet_torchrun_two_processes(tmp_path):
@@ -1583,7 +1966,7 @@ def test_extrema_loss_target_gradient_ema_and_schedules():
     assert ms[0] == pytest.approx(0.996) and ms[1] == pytest.approx(0.998) and ms[2] == pytest.approx(1.0)
     # weight decay split of ViT-S + 3-layer projector + 2-layer predictor: 66 decay / 135 not (spec check #10)
     big = ex.Model(ex.parse_config(["--model", "vit_small", "--proj_hidden", "32"]))
-    decay, no_decay = (len(g["params"]) for g in ex.param_groups(big, 0.1))
+    decay, no_decay = (len(g["params"]) for g in ex.param_groups(big, 0.1, skip=("cls_token",)))
     assert (decay, no_decay) == (66, 135)
 
 
