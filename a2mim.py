@@ -25,6 +25,8 @@ Deviations from the official code:
     sees one micro-batch), so it depends on the per-GPU batch, not only on the effective one, and
     --accum_iter is not exactly a bigger batch: the ViT-B preset averages the official 128 images (x accum 2);
     256 per GPU would average 256 (more errors cancel in the mean: typically a smaller loss): not the same loss.
+  - Crops resize bilinear as official; in-memory sets (all but ImageNet and large folders) are cropped in
+    batches on the device (common.py: roi_align, area-averaged when a box shrinks, like PIL's antialiasing).
 Run: python a2mim.py (~1 min CPU run, synthetic data) | python a2mim.py --data cifar10 [--model vit_tiny]
      torchrun --nproc_per_node=8 a2mim.py --data imagenet --data_dir /path/to/imagenet [--model vit_base]
 SimMIM-like baseline: --freq_weight 0, and for a ViT also --mask_layer 0 --fill zero."""
@@ -77,6 +79,7 @@ class Config:
     vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
     knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
+    peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     # <<< shared: config
     mask_patch: int = 32           # cell side in pixels (32 at 224 px; 4 at 32 px); defaults: ResNet recipe
     mask_ratio: float = 0.6        # ceil(ratio * cells) cells hidden per image
@@ -702,6 +705,34 @@ class RunControl:
             mine = self.mine()
             self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
         return bool(flags[0] > 0), bool(flags[1] > 0)
+# dense bf16 tensor-core peak of one GPU in TFLOP/s (vendor sheets), the first name fragment that matches
+PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362),
+                    ("RTX 4090", 165), ("L4", 121)]
+
+
+def count_flops(modules, loss_fn, ctx):
+    """FLOPs of one training step, loss_fn(*copies) -> loss, forward + backward, counted on deep copies of
+    `modules` with the RNG streams forked: the real weights, buffers, gradients and streams stay untouched."""
+    import copy
+    from torch.utils.flop_counter import FlopCounterMode
+    copies = copy.deepcopy(modules)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        with ctx:
+            loss = loss_fn(*copies)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def flops_summary(flops, steps, seconds, device, peak_tflops=0.0):
+    """' | X TFLOP/s' achieved per GPU and, on CUDA, ' | MFU Y%' against the dense bf16 peak."""
+    tflops = flops * steps / max(seconds, 1e-9) / 1e12
+    out = f" | {tflops:.3g} TFLOP/s"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = peak_tflops or next((p for key, p in PEAK_BF16_TFLOPS if key in name), 0)
+        out += f" | MFU {100 * tflops / peak:.1f}%" if peak else f" | MFU unknown for {name} (set --peak_tflops)"
+    return out
 # <<< shared: runtime
 
 def lr_at(cfg, step, total, base, warm, steps_per_epoch):
@@ -722,8 +753,11 @@ def train(cfg: Config):
 
     # data: one RandomResizedCrop + flip view (scale from 0.67 for a ViT, 0.8 for a ResNet; Sec. 5)
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
-    transform = common.mim_transform(cfg.data, cfg.img_size, scale=(0.67 if cfg.model in VIT_SIZES else 0.8, 1.0))
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
+    scale = (0.67 if cfg.model in VIT_SIZES else 0.8, 1.0)                    # crops resize bilinear (official)
+    transform = common.mim_transform(cfg.data, cfg.img_size, scale=scale, interpolation="bilinear")
+    batched = common.BatchCrop(cfg.data, cfg.img_size, scale=scale, interpolation="bilinear")
+    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
+                                batched=batched, device=device)
     eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
     steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
     if steps_per_epoch == 0 or cfg.accum_iter < 1:
@@ -751,7 +785,7 @@ def train(cfg: Config):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
                    if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
-                                                            "save_every_min", "device", "compile")}
+                                                            "save_every_min", "device", "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         with resuming(path):  # a checkpoint that no longer fits these settings: one line
@@ -854,9 +888,11 @@ def train(cfg: Config):
             {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
-    imgs = (step - step0) * eff_batch
+    imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
+    flops = count_flops((model,), lambda m: m(images)[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
-              f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
+              f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
+              + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()
 

@@ -28,6 +28,9 @@ Deviations from the official code:
 - bf16 autocast on CUDA, not fp16 + GradScaler; the refresh batch is --batch_size; --accum_iter is MAE's
   (ImageNet preset 8 GPUs x 128 x 4 = the official 4096), exactly a bigger batch: masks are drawn per image
   and the loss averages a fixed count of masked patches per image.
+- in-memory sets (all but ImageNet and large folders) are cropped in batches on the device (common.py):
+  bicubic by grid sampling (cubic a = -0.75, PIL's -0.5), a box larger than the output bilinear with area
+  averaging (no batched antialiased bicubic); the refresh resize is antialiased bilinear on the batch.
 
 Run:
     python amt.py                                                    # ~1 min CPU run, AMT from epoch 1
@@ -85,6 +88,7 @@ class Config:
     vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
     knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
+    peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     # <<< shared: config
     amt: str = "on"                # on: AMT after epoch amt_start; off: plain MAE throughout (the paper's baseline)
     mask_ratio: float = 0.45       # AMT: fraction of patches masked = reconstructed (official 0.45)
@@ -672,6 +676,34 @@ class RunControl:
             mine = self.mine()
             self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
         return bool(flags[0] > 0), bool(flags[1] > 0)
+# dense bf16 tensor-core peak of one GPU in TFLOP/s (vendor sheets), the first name fragment that matches
+PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362),
+                    ("RTX 4090", 165), ("L4", 121)]
+
+
+def count_flops(modules, loss_fn, ctx):
+    """FLOPs of one training step, loss_fn(*copies) -> loss, forward + backward, counted on deep copies of
+    `modules` with the RNG streams forked: the real weights, buffers, gradients and streams stay untouched."""
+    import copy
+    from torch.utils.flop_counter import FlopCounterMode
+    copies = copy.deepcopy(modules)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        with ctx:
+            loss = loss_fn(*copies)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def flops_summary(flops, steps, seconds, device, peak_tflops=0.0):
+    """' | X TFLOP/s' achieved per GPU and, on CUDA, ' | MFU Y%' against the dense bf16 peak."""
+    tflops = flops * steps / max(seconds, 1e-9) / 1e12
+    out = f" | {tflops:.3g} TFLOP/s"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = peak_tflops or next((p for key, p in PEAK_BF16_TFLOPS if key in name), 0)
+        out += f" | MFU {100 * tflops / peak:.1f}%" if peak else f" | MFU unknown for {name} (set --peak_tflops)"
+    return out
 # <<< shared: runtime
 
 
@@ -700,9 +732,11 @@ def train(cfg: Config):
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size)
     transform = common.CropWithBox(cfg.data, cfg.img_size, scale=(0.2, 1.0))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
-                                with_index=True)
+                                with_index=True, batched=common.BatchCrop(cfg.data, cfg.img_size, with_box=True),
+                                device=device)
     squash = T.Compose([T.Resize((cfg.img_size,) * 2), T.ToTensor(), common.normalize(cfg.data)])  # refresh pass:
     # the whole image squashed to a square, bilinear (official update_mask loader: Resize((224, 224)))
+    squash_batched = common.BatchEval(cfg.data, cfg.img_size, squash=True)  # the same, for in-memory sets
     eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
     steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
     if steps_per_epoch == 0 or cfg.accum_iter < 1:
@@ -726,7 +760,7 @@ def train(cfg: Config):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
                    if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
-                                                            "save_every_min", "device", "compile")}
+                                                            "save_every_min", "device", "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         with resuming(path):  # a checkpoint that no longer fits these settings: one line
@@ -775,7 +809,7 @@ def train(cfg: Config):
         if due is not None and store_epoch != due:  # fresh maps from the current encoder
             t0 = time.time()
             w, _ = common.extract(Encoder(model.encoder, attention=True), dataset, squash, cfg.batch_size, device,
-                                  cfg.num_workers)  # (n_images, N), dataset order; rank-sharded and gathered
+                                  cfg.num_workers, batched=squash_batched)  # (n_images, N), dataset order; rank-sharded and gathered
             store, store_epoch = w.half().view(len(dataset), *(model.encoder.grid,) * 2).to(device), due  # fp16
             model.train()
             log.print(f"attention store: {len(dataset)} maps after epoch {due} in {time.time() - t0:.1f} s")
@@ -842,9 +876,11 @@ def train(cfg: Config):
             {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
-    imgs = (step - step0) * eff_batch
+    imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
+    flops = count_flops((model,), lambda m: m(images, weights, *counts)[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
-              f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
+              f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
+              + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()
 

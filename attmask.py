@@ -30,6 +30,10 @@ Deviations from the official code:
     only (official eval paths get a (features, attention) pair);
   - ImageNet preset 8 GPUs x 30 = the paper's 240 images per step (4 x 60); --accum_iter is not in the
     official code and is not exactly a bigger batch: the centres move after every micro-batch.
+  - in-memory sets (all but ImageNet and large folders): multi-crop in batches on the device (common.py),
+    bicubic by grid sampling (cubic a = -0.75, PIL's -0.5), a box larger than its output (local crops of
+    big images) bilinear with area averaging; colour ops in float (no uint8 rounding between them); the
+    blur a true Gaussian with sigma = DINO's radius (PIL approximates it with box filters).
 
 Run:
     python attmask.py                                                      # ~1 min CPU run, synthetic data
@@ -85,6 +89,7 @@ class Config:
     vis_every: int = 0             # steps between visualisation PNGs in out_dir, and one at the end (0 = off)
     knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
+    peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     # <<< shared: config
     # method: AttMask (paper values from the official launch commands)
     mask_mode: str = "attmask_hint"  # attmask_hint | attmask_high | attmask_low | random | block (iBOT)
@@ -725,6 +730,34 @@ class RunControl:
             mine = self.mine()
             self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
         return bool(flags[0] > 0), bool(flags[1] > 0)
+# dense bf16 tensor-core peak of one GPU in TFLOP/s (vendor sheets), the first name fragment that matches
+PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362),
+                    ("RTX 4090", 165), ("L4", 121)]
+
+
+def count_flops(modules, loss_fn, ctx):
+    """FLOPs of one training step, loss_fn(*copies) -> loss, forward + backward, counted on deep copies of
+    `modules` with the RNG streams forked: the real weights, buffers, gradients and streams stay untouched."""
+    import copy
+    from torch.utils.flop_counter import FlopCounterMode
+    copies = copy.deepcopy(modules)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        with ctx:
+            loss = loss_fn(*copies)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def flops_summary(flops, steps, seconds, device, peak_tflops=0.0):
+    """' | X TFLOP/s' achieved per GPU and, on CUDA, ' | MFU Y%' against the dense bf16 peak."""
+    tflops = flops * steps / max(seconds, 1e-9) / 1e12
+    out = f" | {tflops:.3g} TFLOP/s"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = peak_tflops or next((p for key, p in PEAK_BF16_TFLOPS if key in name), 0)
+        out += f" | MFU {100 * tflops / peak:.1f}%" if peak else f" | MFU unknown for {name} (set --peak_tflops)"
+    return out
 # <<< shared: runtime
 
 def train(cfg: Config):
@@ -737,9 +770,10 @@ def train(cfg: Config):
 
     # data: 2 global + L local crops; milder blur at <= 64 px, where it wipes the image out (spec 5.4)
     dataset = common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
-    transform = common.MultiCrop(cfg.data, cfg.img_size, cfg.local_size, cfg.local_crops,
-                                 blur=(1.0, 0.1, 0.5) if cfg.img_size > 64 else (0.5, 0.1, 0.2))
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers)
+    crops = (cfg.data, cfg.img_size, cfg.local_size, cfg.local_crops)
+    blur = (1.0, 0.1, 0.5) if cfg.img_size > 64 else (0.5, 0.1, 0.2)
+    loader = common.make_loader(dataset, common.MultiCrop(*crops, blur=blur), cfg.batch_size, True, cfg.seed, rank,
+                                world, cfg.num_workers, batched=common.BatchMultiCrop(*crops, blur=blur), device=device)
     eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
     steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
     if steps_per_epoch == 0 or cfg.accum_iter < 1:
@@ -763,7 +797,7 @@ def train(cfg: Config):
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
                    if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
-                                                            "save_every_min", "device", "compile")}
+                                                            "save_every_min", "device", "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         with resuming(path):  # a checkpoint that no longer fits these settings: one line
@@ -873,9 +907,11 @@ def train(cfg: Config):
             {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
 
     wall = time.time() - t_start
-    imgs = (step - step0) * eff_batch
+    imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
+    flops = count_flops((model,), lambda m: m(crops, step - 1, epoch)[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
-              f" | peak mem {peak_memory_gb(device):.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}")
+              f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
+              + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
         dist.destroy_process_group()
 

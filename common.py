@@ -77,7 +77,7 @@ SHARED_RULES = {"img_size": above(0), "patch_size": above(0), "epochs": at_least
                 "batch_size": at_least(1), "blr": above(0), "weight_decay": at_least(0), "warmup_epochs": at_least(0),
                 "num_workers": at_least(0), "seed": at_least(0), "log_every": at_least(1),
                 "device": one_of("auto", "cuda", "cpu"), "vis_every": at_least(0), "save_every_min": at_least(0),
-                "accum_iter": at_least(1), "knn_every": at_least(0)}
+                "accum_iter": at_least(1), "knn_every": at_least(0), "peak_tflops": at_least(0)}
 
 
 def check_fields(cfg, rules):
@@ -131,6 +131,9 @@ class Synthetic(torch.utils.data.Dataset):
         img = np.where(shape[..., None], fg, bg) + g.normal(0, 0.08, (s, s, 3))  # (s, s, 3)
         img = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
         return (img.resize((self.size, self.size), Image.BICUBIC) if self.size > s else img), c
+
+
+_SYNTHETIC = Synthetic  # the class itself, for memory_images (tests may wrap the name)
 
 
 class ArrayImages(torch.utils.data.Dataset):
@@ -243,7 +246,14 @@ def val_split(name, n):
 def build_dataset(name, data_dir, train, subset=0, synthetic_size=2000, img_size=32):
     """Raw dataset of (PIL image, label). `train`: True = the pre-training split (STL-10:
     train+unlabeled); 'probe-train' = the labelled train split; 'val' = its held-out part (val_split)
-    and 'probe-rest' = the rest of it; False = the evaluation (test) split."""
+    and 'probe-rest' = the rest of it; False = the evaluation (test) split. `memory_key` names the set
+    for memory_images' cache."""
+    ds = _build_dataset(name, data_dir, train, subset, synthetic_size, img_size)
+    ds.memory_key = (name, os.path.abspath(data_dir), str(train), subset, synthetic_size, img_size, len(ds))
+    return ds
+
+
+def _build_dataset(name, data_dir, train, subset, synthetic_size, img_size):
     if name not in DATASETS:
         die(f"unknown --data {name}; choose one of {', '.join(DATASETS)}")
     if train in ("val", "probe-rest"):
@@ -277,6 +287,85 @@ def build_dataset(name, data_dir, train, subset=0, synthetic_size=2000, img_size
 
 
 # ----------------------------------------------------------------------------
+# In-memory datasets: the whole set as one uint8 tensor, augmented in batches (see Batched augmentation)
+
+MEMORY_MAX_SIDE, MEMORY_MAX_BYTES = 96, 4 * 2**30  # a `folder` set is held in memory when it is this small
+_MEMORY = {}  # memory_key -> MemoryImages: a process loads each dataset once
+
+
+class MemoryImages:
+    """A dataset as ONE uint8 tensor (n, H, W, C), C = 1 (grey, expanded per batch) or 3, and labels (n,).
+    to(cuda) puts it on the GPU when it takes under a quarter of the free memory, else in pinned host memory."""
+
+    def __init__(self, images, labels):
+        images = images if torch.is_tensor(images) else torch.as_tensor(np.ascontiguousarray(images))
+        self.images = (images if images.ndim == 4 else images[..., None]).contiguous()   # (n, H, W, C)
+        self.labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.n, self.H, self.W = self.images.shape[:3]
+
+    def __len__(self):
+        return self.n
+
+    def to(self, device):
+        if device.type == "cuda" and self.images.device.type == "cpu":
+            fits = self.images.nbytes < torch.cuda.mem_get_info(device)[0] / 4
+            self.images = self.images.to(device) if fits else self.images.pin_memory()
+            self.labels = self.labels.to(self.images.device)
+        return self
+
+    def batch(self, idx, device):
+        """Images idx (B,) (on the images' device) as floats in [0, 1] on `device`: (B, 3, H, W)."""
+        x = self.images[idx].to(device, non_blocking=True).permute(0, 3, 1, 2)   # (B, C, H, W) uint8
+        return x.expand(-1, 3, -1, -1).float().div_(255)                           # (B, 3, H, W)
+
+
+def memory_images(ds):
+    """`ds` (from build_dataset) as MemoryImages, or None where it stays on the PIL loader path: ImageNet, and
+    `folder` sets whose first image is over MEMORY_MAX_SIDE px a side, whose images differ in size, or that
+    would take over MEMORY_MAX_BYTES. Built once per process and dataset."""
+    key = getattr(ds, "memory_key", None)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    if key and key[0] == "imagenet":
+        return None
+    if isinstance(ds, ArrayImages):                       # Fashion-MNIST
+        mem = MemoryImages(ds.images, ds.targets)
+    elif isinstance(ds, datasets.CIFAR10):                # CIFAR-100 is a subclass
+        mem = MemoryImages(ds.data, ds.targets)           # (n, 32, 32, 3)
+    elif isinstance(ds, datasets.STL10):
+        mem = MemoryImages(ds.data.transpose(0, 2, 3, 1), ds.labels)  # (n, 3, 96, 96) -> (n, 96, 96, 3)
+    elif isinstance(ds, _SYNTHETIC):                      # generated once, image by image
+        mem = MemoryImages(np.stack([np.asarray(ds[i][0]) for i in range(len(ds))]), ds.targets)
+    elif isinstance(ds, datasets.ImageFolder):            # tiny-imagenet, folder
+        mem = _small_folder(ds)
+    elif isinstance(ds, torch.utils.data.Subset):         # the val split and the rest
+        full = memory_images(ds.dataset)
+        idx = torch.as_tensor(ds.indices, device=full.images.device) if full is not None else None
+        mem = MemoryImages(full.images[idx], full.labels[idx]) if full is not None else None
+    else:
+        return None
+    if key:
+        _MEMORY[key] = mem  # None too: a set that does not fit is not decoded again
+    return mem
+
+
+def _small_folder(ds):
+    """Decodes an ImageFolder into memory if its images are small and all the same size (else None)."""
+    if not len(ds.samples):
+        return None
+    W, H = ds.loader(ds.samples[0][0]).size
+    if max(H, W) > MEMORY_MAX_SIDE or len(ds.samples) * H * W * 3 > MEMORY_MAX_BYTES:
+        return None
+    out = np.empty((len(ds.samples), H, W, 3), np.uint8)
+    for i, (path, _) in enumerate(ds.samples):
+        img = ds.loader(path).convert("RGB")
+        if img.size != (W, H):
+            return None
+        out[i] = np.asarray(img)
+    return MemoryImages(out, ds.targets)
+
+
+# ----------------------------------------------------------------------------
 # Augmentations
 
 class Blur:
@@ -296,9 +385,9 @@ def normalize(data):
     return T.Normalize(*DATASETS[data][2])
 
 
-def mim_transform(data, img_size, scale=(0.2, 1.0), color=False):
-    """One RandomResizedCrop (bicubic) + flip view, the MAE recipe; optional colour jitter."""
-    aug = [T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+def mim_transform(data, img_size, scale=(0.2, 1.0), color=False, interpolation="bicubic"):
+    """One RandomResizedCrop (bicubic by default, as MAE) + flip view; optional colour jitter."""
+    aug = [T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode(interpolation)),
            T.RandomHorizontalFlip()]
     if color:
         aug += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
@@ -340,8 +429,9 @@ class CropWithBox:
     """RandomResizedCrop + flip that also returns where the crop came from, so a per-image map can
     follow the image: box = (top, left, height, width) as fractions of the source image, flip in {0, 1}."""
 
-    def __init__(self, data, img_size, scale=(0.2, 1.0), color=False):
-        self.rrc = T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
+    def __init__(self, data, img_size, scale=(0.2, 1.0), color=False, interpolation="bicubic"):
+        self.rrc = T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode(interpolation))
+        self.resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
         self.color = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                                 T.RandomGrayscale(0.2)]) if color else None
         self.post = T.Compose([T.ToTensor(), normalize(data)])
@@ -350,7 +440,7 @@ class CropWithBox:
         W, H = img.size
         i, j, h, w = T.RandomResizedCrop.get_params(img, self.rrc.scale, self.rrc.ratio)
         flip = bool(torch.rand(()) < 0.5)
-        out = img.resize((self.rrc.size[1], self.rrc.size[0]), Image.BICUBIC, box=(j, i, j + w, i + h))
+        out = img.resize((self.rrc.size[1], self.rrc.size[0]), self.resample, box=(j, i, j + w, i + h))
         out = out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
         return out, torch.tensor([i / H, j / W, h / H, w / W, float(flip)])
 
@@ -362,8 +452,8 @@ class CropWithBox:
 class SharedCropTwoColors(CropWithBox):
     """One crop + flip shared by two views, colour jitter drawn independently per view (ExtreMA)."""
 
-    def __init__(self, data, img_size, scale=(0.2, 1.0)):
-        super().__init__(data, img_size, scale, color=True)
+    def __init__(self, data, img_size, scale=(0.2, 1.0), interpolation="bicubic"):
+        super().__init__(data, img_size, scale, color=True, interpolation=interpolation)
 
     def __call__(self, img):
         out, _ = self.geometry(img)
@@ -384,6 +474,244 @@ def crop_map(maps, box, out_hw):
     grid = torch.stack(torch.broadcast_tensors(sx[:, None, :], sy[:, :, None]), -1)  # (B, gh, gw, 2)
     return F.grid_sample(maps[:, None].float(), grid.float(), mode="bilinear", align_corners=False,
                          padding_mode="border")[:, 0]                       # (B, gh, gw)
+
+
+# ----------------------------------------------------------------------------
+# Batched augmentation: the views above for a whole batch of in-memory images at once, on their device.
+# Every op draws per-image parameters from Draws, so image `key` gets the same view whatever batch, rank or
+# machine it lands on. Images are floats in [0, 1], (B, 3, H, W), until normalisation.
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xor-shift-multiply rounds) in int64 tensor arithmetic: x < 2^32 and the
+    multiplier < 2^27 keep every product below 2^63."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+class Draws:
+    """Counter-based uniforms in [0, 1): number d of image `key` is a hash of (seed, key, d). Each call
+    hands every image its next draws: draws(k) -> (B, k)."""
+
+    def __init__(self, seed, keys):
+        s = _mix32(torch.full_like(keys, seed & _M32))
+        self.base = _mix32(_mix32(s ^ (keys >> 32)) ^ (keys & _M32))         # (B,)
+        self.used = 0
+
+    def __call__(self, k):
+        d = torch.arange(self.used, self.used + k, device=self.base.device)
+        self.used += k
+        x = _mix32(self.base[:, None] ^ _mix32(d + 0x9E3779B9 & _M32))      # (B, k)
+        return (x >> 8).float() / 2**24                                     # 24 bits: exact in float32
+
+
+def crop_params(u, H, W, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params for a batch, from u (B, 22): 10 tries of an area scale
+    ~ U(scale) and a log aspect ratio ~ U(log ratio); the first box that fits wins; if none does, the centre
+    crop with the ratio clamped; the position is uniform over the integer places the box fits.
+    Returns top, left, h, w: (B,) int64."""
+    u = u.double()
+    log_r = math.log(ratio[0]), math.log(ratio[1])
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :10])           # (B, 10)
+    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 10:20])
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)                           # (B, 10)
+    first = fits.int().argmax(1, keepdim=True)                               # the first try that fits
+    found = fits.any(1)
+    if W / H < min(ratio):                                                   # the fallback box
+        fw, fh = W, int(round(W / min(ratio)))
+    elif W / H > max(ratio):
+        fw, fh = int(round(H * max(ratio))), H
+    else:
+        fw, fh = W, H
+    w = torch.where(found, w.gather(1, first)[:, 0], float(fw))              # (B,)
+    h = torch.where(found, h.gather(1, first)[:, 0], float(fh))
+    top = torch.where(found, torch.floor(u[:, 20] * (H - h + 1)), torch.floor((H - h) / 2))
+    left = torch.where(found, torch.floor(u[:, 21] * (W - w + 1)), torch.floor((W - w) / 2))
+    return top.long(), left.long(), h.long(), w.long()
+
+
+def resample(x, top, left, h, w, size, mode="bilinear"):
+    """Boxes (B,) of x (B, 3, H, W) resized to (B, 3, size, size).
+    bilinear: roi_align with adaptive sampling: bilinear interpolation at the output pixel centres, averaged
+      over ceil(box / size)^2 points per pixel when a box shrinks (antialiased, like PIL's bilinear resize).
+    bicubic: grid_sample's bicubic (Keys a = -0.75; PIL uses -0.5) where a box grows or keeps its size;
+      where it shrinks, the antialiased bilinear result (PIL's antialiased bicubic has no batched op)."""
+    from torchvision.ops import roi_align
+    B, _, H, W = x.shape
+    boxes = torch.stack([torch.arange(B, device=x.device), left, top, left + w, top + h], 1).to(x.dtype)
+    shrinks = max(H, W) > size
+    out = roi_align(x, boxes, size, 1.0, -1, aligned=True) if mode == "bilinear" or shrinks else None
+    if mode == "bicubic":
+        c = (torch.arange(size, device=x.device) + 0.5) / size                # (S,) output pixel centres
+        gy = (top[:, None] + h[:, None] * c) / H * 2 - 1                       # (B, S) in [-1, 1]
+        gx = (left[:, None] + w[:, None] * c) / W * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1).to(x.dtype)  # (B, S, S, 2)
+        cubic = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
+        out = cubic if out is None else torch.where(((h > size) | (w > size))[:, None, None, None], out, cubic)
+    return out                                                                  # (B, 3, size, size)
+
+
+def flip(x, u, p=0.5):
+    """Horizontal flip of the images whose u (B,) < p; returns them and the flags (B,) bool."""
+    f = u < p
+    return torch.where(f[:, None, None, None], x.flip(-1), x), f
+
+
+def random_crop(x, draws, size, scale, mode):
+    """RandomResizedCrop + horizontal flip (23 draws). Returns the views (B, 3, size, size) and the boxes
+    (B, 5) in CropWithBox's format: (top, left, height, width) as fractions of the source, flip."""
+    H, W = x.shape[-2:]
+    top, left, h, w = crop_params(draws(22), H, W, scale)
+    out, f = flip(resample(x, top, left, h, w, size, mode), draws(1)[:, 0])
+    box = torch.stack([top / H, left / W, h / H, w / W, f.float()], 1).float()
+    return out, box
+
+
+def gray(x):
+    """ITU-R 601 luma as torchvision's rgb_to_grayscale: (B, 3, H, W) -> (B, 1, H, W)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def hue_shift(x, shift):
+    """Adds shift (B,) to every pixel's hue (a fraction of the colour circle), saturation and value kept:
+    torchvision's adjust_hue, through HSV written for a batch."""
+    v, vi = x.max(1)                                                          # (B, H, W) value, argmax channel
+    c = v - x.min(1).values                                                  # chroma
+    r, g, b = x.unbind(1)
+    d = torch.where(vi == 0, g - b, torch.where(vi == 1, b - r, r - g))     # hue sector offset x chroma
+    h6 = d / torch.where(c > 0, c, 1.0) + 2 * vi + 6 * shift[:, None, None]  # (B, H, W) new hue, a turn = 6
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)     # the r, g, b phases
+    k = torch.remainder(n + h6[:, None], 6)                                  # (B, 3, H, W)
+    return v[:, None] - c[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def color_jitter(x, u, brightness, contrast, saturation, hue):
+    """torchvision's ColorJitter with per-image factors and order, from u (B, 8): the order of the four ops
+    is a random permutation per image (argsort of 4 uniforms), factors ~ U(1 -+ a), hue shift ~ U(-+ hue).
+    Brightness, contrast and saturation blend towards black, the mean grey level, the grey image. The costly
+    hue op runs once: first every image's blends that come before its hue, then the hue, then the rest."""
+    order = u[:, :4].argsort(1)                                               # (B, 4)
+    hue_at = (order == 3).int().argmax(1)                                     # (B,) the hue op's place
+    amp = torch.tensor([brightness, contrast, saturation], device=x.device)
+    factor = 1 + (2 * u[:, 4:7] - 1) * amp                                    # (B, 3)
+    for before in (True, False):
+        for stage in range(3) if before else range(1, 4):
+            op = order[:, stage]                                              # (B,)
+            now = (op < 3) & ((stage < hue_at) if before else (stage > hue_at))
+            f = torch.where(now, factor.gather(1, op[:, None].clamp(max=2))[:, 0], 1.0).view(-1, 1, 1, 1)
+            is_c, is_s = ((op == k).to(x.dtype).view(-1, 1, 1, 1) for k in (1, 2))
+            g = gray(x)                                                       # (B, 1, H, W)
+            toward = torch.addcmul(g.mean((1, 2, 3), keepdim=True) * is_c, g, is_s)  # black / mean grey / grey
+            x = torch.lerp(toward, x, f).clamp_(0, 1)                         # f x + (1 - f) toward; x at f = 1
+        if before and hue:
+            x = hue_shift(x, (2 * u[:, 7] - 1) * hue)
+    return x
+
+
+def gaussian_blur(x, sigma, max_sigma):
+    """Gaussian blur with a per-image sigma (B,) in pixels, edges replicated: two grouped 1-D convolutions
+    over all B x 3 channels at once, with taps out to 3 max_sigma."""
+    B, C, H, W = x.shape
+    r = max(1, math.ceil(3 * max_sigma))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)                          # (B, 2r + 1)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)                  # (B C, 2r + 1)
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="replicate")     # (1, B C, H + 2r, W + 2r)
+    y = F.conv2d(y, k[:, None, None, :], groups=B * C)                        # along W
+    y = F.conv2d(y, k[:, None, :, None], groups=B * C)                        # along H
+    return y.view(B, C, H, W)
+
+
+def where_p(u, p, new, old):
+    """Per image: `new` where u (B,) < p, else `old`."""
+    return torch.where((u < p)[:, None, None, None], new, old)
+
+
+def color_gray(x, draws, jitter=(0.4, 0.4, 0.2, 0.1), p=0.8, p_gray=0.2):
+    """RandomApply(ColorJitter, p) then RandomGrayscale(p_gray) (10 draws)."""
+    u = draws(10)
+    x = where_p(u[:, 8], p, color_jitter(x, u[:, :8], *jitter), x)
+    return where_p(u[:, 9], p_gray, gray(x).expand_as(x), x)
+
+
+def normalize_batch(x, data):
+    mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) for v in DATASETS[data][2])
+    return (x - mean) / std
+
+
+class BatchCrop:
+    """Batched mim_transform (`color`: jitter + grey) or CropWithBox (`with_box`: also the boxes (B, 5)).
+    `source_jitter` (brightness, contrast, saturation, hue): a colour jitter of the whole image first (DTM)."""
+
+    def __init__(self, data, img_size, scale=(0.2, 1.0), color=False, with_box=False, source_jitter=None,
+                 interpolation="bicubic"):
+        self.data, self.size, self.scale, self.color, self.with_box = data, img_size, scale, color, with_box
+        self.source_jitter, self.mode = source_jitter, interpolation
+
+    def __call__(self, x, draws):
+        if self.source_jitter:
+            x = color_jitter(x, draws(8), *self.source_jitter)
+        x, box = random_crop(x, draws, self.size, self.scale, self.mode)
+        x = normalize_batch(color_gray(x, draws) if self.color else x, self.data)
+        return (x, box) if self.with_box else x
+
+
+class BatchSharedCropTwoColors(BatchCrop):
+    """Batched SharedCropTwoColors: one crop + flip, two independent colourings [view 1, view 2] (ExtreMA)."""
+
+    def __call__(self, x, draws):
+        x, _ = random_crop(x, draws, self.size, self.scale, self.mode)
+        return [normalize_batch(color_gray(x, draws), self.data) for _ in range(2)]
+
+
+class BatchMultiCrop:
+    """Batched MultiCrop: 2 global + n_local local views, jitter, grey, blur (per-view probability, sigma =
+    PIL's radius), solarize on the second global view. Returns a list of 2 + n_local (B, 3, s, s)."""
+
+    def __init__(self, data, global_size, local_size, n_local, global_scale=(0.25, 1.0),
+                 local_scale=(0.05, 0.25), blur=(1.0, 0.1, 0.5), interpolation="bicubic"):
+        self.data, self.mode, self.blur = data, interpolation, blur
+        self.kinds = [(global_size, global_scale, blur[0], 0.0), (global_size, global_scale, blur[1], 0.2)]
+        self.kinds += [(local_size, local_scale, blur[2], 0.0)] * n_local     # (size, scale, p blur, p solarize)
+        self.sigma = (0.1 * global_size / 224, 2.0 * global_size / 224)       # DINO's radius at 224 px, scaled
+
+    def __call__(self, x, draws):
+        views = []
+        for size, scale, p_blur, p_solar in self.kinds:
+            v, _ = random_crop(x, draws, size, scale, self.mode)
+            v = color_gray(v, draws)
+            u = draws(3)
+            sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, 1]
+            v = where_p(u[:, 0], p_blur, gaussian_blur(v, sigma, self.sigma[1]), v)
+            if p_solar:
+                v = where_p(u[:, 2], p_solar, torch.where(v >= 128 / 255, 1 - v, v), v)
+            views.append(normalize_batch(v, self.data))
+        return views
+
+
+class BatchEval:
+    """Batched eval_transform (`squash`: AMT's refresh, the whole image resized to a square, bilinear);
+    deterministic. At the native size (eval_transform's identity) it only normalises."""
+
+    def __init__(self, data, img_size, squash=False):
+        self.data, self.size, self.squash = data, img_size, squash
+
+    def __call__(self, x, draws=None):
+        (H, W), s = x.shape[-2:], self.size
+        if self.squash:
+            if (H, W) != (s, s):
+                x = F.interpolate(x, (s, s), mode="bilinear", antialias=True, align_corners=False)
+            return normalize_batch(x, self.data)
+        r = s if s == DATASETS[self.data][0] <= 64 else int(round(s * 256 / 224))  # eval_transform's Resize
+        hw = (r, int(r * W / H)) if H <= W else (int(r * H / W), r)               # shorter side -> r
+        if hw != (H, W):
+            x = F.interpolate(x, hw, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        t, l = int(round((hw[0] - s) / 2)), int(round((hw[1] - s) / 2))            # CenterCrop(s)
+        return normalize_batch(x[..., t:t + s, l:l + s], self.data)
 
 
 # ----------------------------------------------------------------------------
@@ -423,12 +751,16 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
 
-    def __iter__(self):
+    def keys(self):
+        """This rank's keys for the epoch, (len(self),) int64."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         idx = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         idx = torch.cat([idx, idx[: self.per_rank * self.world - self.n]]) if len(idx) < self.per_rank * self.world else idx
         mine = idx[self.rank: self.per_rank * self.world: self.world][self.skip:]
-        return iter((mine + self.epoch * self.n).tolist())
+        return mine + self.epoch * self.n
+
+    def __iter__(self):
+        return iter(self.keys().tolist())
 
     def __len__(self):
         return self.per_rank - self.skip
@@ -463,9 +795,14 @@ atexit.register(_kill_workers)  # registered after multiprocessing's handler, so
 
 
 def make_loader(ds, transform, batch_size, train=True, seed=0, rank=0, world=1, num_workers=None,
-                with_index=False, pin=True):
-    """Pre-training (train=True: shuffle, drop_last) or extraction loader over SeededView(ds)."""
+                with_index=False, pin=True, batched=None, device="cpu"):
+    """Pre-training (train=True: shuffle, drop_last) or extraction loader. A dataset that memory_images
+    holds, with a `batched` view (BatchCrop, ...): a MemoryLoader on `device`; else a DataLoader over
+    SeededView(ds, transform) with worker processes."""
     sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world=world, drop_last=train)
+    mem = memory_images(ds) if batched is not None else None
+    if mem is not None:
+        return MemoryLoader(mem, batched, batch_size, sampler, seed, torch.device(device), with_index, train)
     num_workers = default_workers() if num_workers is None else num_workers
     return torch.utils.data.DataLoader(
         SeededView(ds, transform, seed, with_index), batch_size=batch_size, sampler=sampler,
@@ -498,6 +835,44 @@ def save_picture(path, rows, labels, min_tile=96, pad=2):
     canvas.save(path)
 
 
+class FixedKeys:
+    """The sampler interface MemoryLoader reads, for a fixed list of keys (B,) int64."""
+
+    def __init__(self, keys):
+        self.fixed = keys
+
+    def keys(self):
+        return self.fixed
+
+    def __len__(self):
+        return len(self.fixed)
+
+
+class MemoryLoader:
+    """Batches of an in-memory set made by a batched view on `device`, no workers: the same (views, labels)
+    or (views, labels, index) tuples as make_loader's DataLoader; views and labels on the device, the index
+    (B,) on the CPU like a DataLoader's. The augmentation of key k (from the EpochSampler) is
+    batched(images, Draws(seed, k)): independent of the batch it is in, of the rank and of a resume."""
+
+    def __init__(self, mem, batched, batch_size, sampler, seed, device, with_index=False, drop_last=True):
+        self.mem, self.batched, self.batch_size, self.sampler = mem.to(device), batched, batch_size, sampler
+        self.seed, self.device, self.with_index, self.drop_last = seed, device, with_index, drop_last
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        keys = self.sampler.keys()                                           # (n_rank,) on the CPU
+        at_images, at_device = keys.to(self.mem.images.device), keys.to(self.device)
+        for s in range(0, len(self) * self.batch_size, self.batch_size):
+            k = at_device[s:s + self.batch_size]
+            i = at_images[s:s + self.batch_size] % self.mem.n
+            x = self.batched(self.mem.batch(i, self.device), Draws(self.seed, k))
+            y = self.mem.labels[i].to(self.device, non_blocking=True)
+            yield (x, y, keys[s:s + self.batch_size] % self.mem.n) if self.with_index else (x, y)
+
+
 # ----------------------------------------------------------------------------
 # Probe: frozen features -> linear head sweep + kNN
 
@@ -507,17 +882,24 @@ def world_info():
 
 
 @torch.no_grad()
-def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=None, desc="features"):
+def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=None, desc="features",
+            batched=None):
     """Features (n, D) float32 and labels (n,) of the whole dataset, each rank a strided shard,
-    gathered on every rank. A progress bar on rank 0 when stderr is a terminal."""
+    gathered on every rank. A progress bar on rank 0 when stderr is a terminal. An in-memory set with a
+    `batched` view (BatchEval) is read in batches on the device, else through `transform` in workers."""
     from tqdm import tqdm
     rank, world = world_info()
     per = math.ceil(len(ds) / world)
-    loader = torch.utils.data.DataLoader(
-        SeededView(ds, transform), batch_size=batch_size,
-        num_workers=default_workers() if num_workers is None else num_workers,
-        sampler=list(range(rank, len(ds), world)), pin_memory=str(device).startswith("cuda"),
-        worker_init_fn=_worker_init)
+    mem = memory_images(ds) if batched is not None else None
+    if mem is not None:
+        shard = FixedKeys(torch.arange(rank, len(ds), world))
+        loader = MemoryLoader(mem, batched, batch_size, shard, 0, torch.device(device), drop_last=False)
+    else:
+        loader = torch.utils.data.DataLoader(
+            SeededView(ds, transform), batch_size=batch_size,
+            num_workers=default_workers() if num_workers is None else num_workers,
+            sampler=list(range(rank, len(ds), world)), pin_memory=str(device).startswith("cuda"),
+            worker_init_fn=_worker_init)
     encoder.eval().to(device)
     amp = torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
     feats, labels = [], []
@@ -593,7 +975,7 @@ def probe(encoder, data, data_dir, img_size, device="cpu", batch_size=256, num_w
         tr_f, tr_y, te_f, te_y = torch.load(cache, weights_only=True)
     else:
         tf = eval_transform(data, img_size)
-        kw = dict(batch_size=batch_size, device=device, num_workers=num_workers)
+        kw = dict(batch_size=batch_size, device=device, num_workers=num_workers, batched=BatchEval(data, img_size))
         fit, score = ("probe-train", False) if split == "test" else ("probe-rest", "val")
         tr_f, tr_y = extract(encoder, build_dataset(data, data_dir, fit, synthetic_size=synthetic_size,
                                                     img_size=img_size), tf, **kw)

@@ -192,6 +192,170 @@ def test_seeded_view_is_independent_of_global_rng():
 
 
 # ----------------------------------------------------------------------------
+# Batched augmentation (in-memory sets)
+
+def _ks(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+
+
+@pytest.mark.parametrize("H, W, scale", [(32, 32, (0.2, 1.0)), (24, 48, (0.5, 1.0))])  # 2nd: ~10% fallbacks
+def test_batched_crop_law_matches_torchvision_get_params(H, W, scale):
+    n = 4000
+    top, left, h, w = (t.numpy() for t in common.crop_params(common.Draws(0, torch.arange(n))(22), H, W, scale))
+    torch.manual_seed(0)
+    ref = np.array([T.RandomResizedCrop.get_params(torch.zeros(3, H, W), scale, (3 / 4, 4 / 3)) for _ in range(n)])
+    ours = np.stack([top, left, h, w], 1)
+    stats = lambda b: [b[:, 2] * b[:, 3] / (H * W), np.log(b[:, 3] / b[:, 2]),
+                       (b[:, 0] + 0.5) / (H - b[:, 2] + 1), (b[:, 1] + 0.5) / (W - b[:, 3] + 1)]
+    for s_ours, s_ref in zip(stats(ours), stats(ref)):                 # area, log ratio, position in the slack
+        assert _ks(s_ours, s_ref) < 0.045                              # alpha ~ 0.001 at n = m = 4000
+    assert ((0 <= top) & (top + h <= H) & (0 <= left) & (left + w <= W) & (h > 0) & (w > 0)).all()
+    fb = lambda b: np.mean((b[:, 2] == H) & (b[:, 3] == round(H * 4 / 3)) & (b[:, 0] == 0))
+    assert abs(fb(ours) - fb(ref)) < 0.02 and (fb(ref) > 0.03) == (W > H)  # the centre-crop fallback, as often
+
+
+@pytest.mark.parametrize("mode, tol", [("bilinear", 1e-5), ("bicubic", 1 / 255)])
+def test_batched_crop_of_a_gradient_image_gives_the_expected_pixels(mode, tol):
+    # a ramp image (channel 0 = column / 64, channel 1 = row / 64): any interpolation of a box must give
+    # the ramp at the output pixel centres (cubic a = -0.75 reproduces a line only to ~1e-3)
+    H = W = 32
+    yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    img = torch.stack([xx, yy, 0 * xx])[None] / 64                          # (1, 3, 32, 32)
+    for (t, l, h, w), S in [((4, 6, 8, 12), 16), ((2, 3, 24, 24), 8)]:      # grows, shrinks (averaged)
+        out = common.resample(img, *(torch.tensor([v]) for v in (t, l, h, w)), S, mode)[0]
+        c = (torch.arange(S) + 0.5) / S
+        assert (out[0] - ((l + w * c - 0.5) / 64)[None, :]).abs().max() < tol
+        assert (out[1] - ((t + h * c - 0.5) / 64)[:, None]).abs().max() < tol
+
+
+def test_batched_crop_boxes_and_flips_move_a_map_with_the_pixels():
+    """AMT's contract on the batched path: crop_map(source map, box) == what the crop did to the pixels."""
+    H = W = 64
+    yy, xx = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    src = torch.stack([xx, yy, 0 * xx]) / 64                                 # (3, 64, 64): x and y ramps
+    out, box = common.BatchCrop("synthetic", 32, scale=(0.2, 0.6), with_box=True)(
+        src.expand(16, -1, -1, -1) * 0.25 + 0.5, common.Draws(3, torch.arange(16)))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in common.DATASETS["synthetic"][2])
+    px = ((out * std + mean) - 0.5) / 0.25                                   # undo normalisation and the 0.25
+    m = common.crop_map(src[:2].expand(16, -1, -1, -1).reshape(32, H, W), box.repeat_interleave(2, 0), (32, 32))
+    assert (px[:, :2].reshape(32, 32, 32) - m).abs().max() < 3e-3          # bicubic: ~1e-3, a pixel: 1.6e-2
+    assert 0 < box[:, 4].sum() < 16 and len(set(box[:, 0].tolist())) > 8    # flips and boxes vary per image
+
+
+def _fixed_jitter(op, factor, B=4):
+    """color_jitter's draws that apply op (0 brightness, 1 contrast, 2 saturation, 3 hue) first at `factor`
+    and the others as identities (factor 1, hue 0)."""
+    u = torch.full((B, 8), 0.5)
+    u[:, :4] = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    u[:, op] = 0.1
+    u[:, 4 + op] = 0.5 + (factor - (op < 3)) / (2 * [0.4, 0.4, 0.2, 0.1][op])
+    return u
+
+
+def test_batched_colour_ops_equal_torchvision_functional():
+    TF = T.functional
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 16, 16, generator=g)
+    tf = [(0, 1.3, TF.adjust_brightness), (1, 0.7, TF.adjust_contrast), (2, 1.15, TF.adjust_saturation),
+          (3, 0.07, TF.adjust_hue)]
+    for op, f, ref in tf:
+        got = common.color_jitter(x, _fixed_jitter(op, f), 0.4, 0.4, 0.2, 0.1)
+        assert (got - ref(x, f)).abs().max() < 1 / 255, op
+    u = torch.rand(4, 8, generator=g)                                      # all four in each image's order
+    order, f = u[:, :4].argsort(1), 1 + (2 * u[:, 4:7] - 1) * torch.tensor([0.4, 0.4, 0.2])
+    got = common.color_jitter(x, u, 0.4, 0.4, 0.2, 0.1)
+    for b in range(4):
+        y, ops = x[b], [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+        for op in order[b].tolist():
+            y = ops[op](y, f[b, op].item() if op < 3 else (2 * u[b, 7] - 1).item() * 0.1)
+        assert (got[b] - y).abs().max() < 1 / 255, b
+    assert (common.gray(x).expand_as(x) - TF.rgb_to_grayscale(x, 3)).abs().max() < 1e-6
+    shift = torch.tensor([0.3, -0.45, 0.0, 0.9])
+    assert (common.hue_shift(common.hue_shift(x, shift), -shift) - x).abs().max() < 1e-5   # hue round trip
+    blurred = common.gaussian_blur(x, torch.tensor([1.0, 0.6, 1.0, 0.6]), 1.0)
+    ref = TF.gaussian_blur(x[:1], 7, 1.0)                                  # reflect padding: compare inside
+    assert (blurred[0, :, 3:-3, 3:-3] - ref[0, :, 3:-3, 3:-3]).abs().max() < 1e-5
+    assert not torch.allclose(blurred[1], blurred[0])                      # per-image sigma
+
+
+def test_batched_views_per_image_parameters_and_every_methods_shapes():
+    B, x = 16, torch.full((16, 3, 32, 32), 0.5) + torch.linspace(-0.3, 0.3, 32)[None, None, None]
+    draws = lambda: common.Draws(1, torch.arange(B))
+    col = common.BatchCrop("synthetic", 32, color=True)(x, draws())          # the same image, B views
+    assert len({round(v, 4) for v in col.mean((1, 2, 3)).tolist()}) == B
+    crops = common.BatchMultiCrop("synthetic", 32, 16, 4, blur=(0.5, 0.1, 0.2))(x, draws())  # AttMask
+    assert [tuple(c.shape) for c in crops] == [(B, 3, 32, 32)] * 2 + [(B, 3, 16, 16)] * 4
+    img, box = common.BatchCrop("synthetic", 32, with_box=True)(x, draws())   # AMT
+    assert img.shape == (B, 3, 32, 32) and box.shape == (B, 5)
+    dtm_view = common.BatchCrop("synthetic", 32, source_jitter=(0.4, 0.4, 0.4, 0.0))(x, draws())
+    a2mim_view = common.BatchCrop("synthetic", 32, scale=(0.67, 1.0), interpolation="bilinear")(x, draws())
+    assert dtm_view.shape == a2mim_view.shape == (B, 3, 32, 32)
+    v1, v2 = common.BatchSharedCropTwoColors("synthetic", 32, interpolation="bilinear")(x, draws())  # ExtreMA
+    dx = lambda v: (v[..., 1:] - v[..., :-1]).mean((1, 2, 3)).sign()         # flip = sign of the x ramp
+    assert torch.equal(dx(v1), dx(v2)) and not torch.allclose(v1, v2)
+
+
+def test_memory_loader_is_independent_of_batch_rank_and_resume():
+    ds = common.Synthetic(40, 16)
+    views = common.BatchCrop("synthetic", 16, color=True)
+    one = common.make_loader(ds, None, 8, batched=views, with_index=True)
+    assert isinstance(one, common.MemoryLoader)
+    one.sampler.set_epoch(1)
+    ref = {int(k): (v, int(c)) for x, y, i in one for k, v, c in zip(i, x, y)}  # index -> (view, label)
+    seen = []
+    for rank in range(2):
+        two = common.make_loader(ds, None, 4, rank=rank, world=2, batched=views, with_index=True)
+        two.sampler.set_epoch(1, skip=4 * rank)                              # rank 1 resumes mid-epoch
+        for x, y, i in two:
+            for k, v, c in zip(i.tolist(), x, y.tolist()):
+                assert torch.allclose(v, ref[k][0], atol=1e-6) and c == ref[k][1] == k % 10
+                seen.append(k)
+    assert len(seen) == len(set(seen)) == 40 - 4                             # the shards partition the data
+    assert not torch.allclose(ref[0][0], next(iter(one))[0][0])              # epoch 1 != epoch 0 (same image?)
+
+
+def test_memory_images_rules_and_batched_eval(tmp_path):
+    for name, sizes in [("small", [12] * 4), ("big", [120] * 4), ("mixed", [12, 12, 12, 10])]:
+        for k, size in enumerate(sizes):                                     # folder sets: small ones in memory
+            d = tmp_path / name / "train" / "ab"[k % 2]
+            os.makedirs(d, exist_ok=True)
+            Image.new("RGB", (size, size), (40 * k, 90, 9)).save(d / f"{k}.png")
+    folder = lambda name, data="folder": common.memory_images(common.build_dataset(data, str(tmp_path / name), True))
+    assert folder("small").images.shape == (4, 12, 12, 3) and folder("small").labels.tolist() == [0, 0, 1, 1]
+    assert folder("big") is None and folder("mixed") is None and folder("small", "imagenet") is None
+    ds = common.Synthetic(6, 32)
+    x = common.memory_images(ds).batch(torch.arange(6), "cpu")              # (6, 3, 32, 32) in [0, 1]
+    for size, tol in [(32, 1e-6), (24, 0.03)]:                               # native: normalise only; resized
+        ref = torch.stack([common.eval_transform("synthetic", size)(ds[i][0]) for i in range(6)])
+        assert (common.BatchEval("synthetic", size)(x) - ref).abs().mean() < tol
+        squash = T.Compose([T.Resize((size, size)), T.ToTensor(), common.normalize("synthetic")])  # AMT's refresh
+        ref = torch.stack([squash(ds[i][0]) for i in range(6)])
+        assert (common.BatchEval("synthetic", size, squash=True)(x) - ref).abs().mean() < tol
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
+    slow = common.extract(enc, ds, common.eval_transform("synthetic", 32), 4, num_workers=0)
+    fast = common.extract(enc, ds, None, 4, batched=common.BatchEval("synthetic", 32))
+    assert torch.allclose(slow[0], fast[0], atol=1e-5) and torch.equal(slow[1], fast[1])
+
+
+def test_flop_count_leaves_the_model_and_rng_alone_and_mfu():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+    x, before = torch.randn(5, 8), [t.clone() for t in model.state_dict().values()]
+    rng = torch.get_rng_state()
+    flops = amt.count_flops((model,), lambda m: F.dropout(m(x), 0.5).sum(), amt.nullcontext())
+    assert flops == 2 * (2 * 5 * 8 * 4)                                    # matmul forward + weight gradient
+    assert torch.equal(rng, torch.get_rng_state()) and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))  # BN stats untouched
+    assert amt.flops_summary(2e12, 10, 4.0, torch.device("cpu")) == " | 5 TFLOP/s"
+    import unittest.mock
+    with unittest.mock.patch.object(torch.cuda, "get_device_name", return_value="NVIDIA H100 PCIe"):
+        assert amt.flops_summary(2e12, 10, 4.0, torch.device("cuda")).endswith("| MFU 0.7%")      # 5 / 756
+        assert amt.flops_summary(2e12, 10, 4.0, torch.device("cuda"), 50.0).endswith("| MFU 10.0%")
+
+# ----------------------------------------------------------------------------
 # Probe
 
 def test_knn_exact_on_hand_made_case():
@@ -368,7 +532,7 @@ def test_train_resume_finish_probe(method, tmp_path, capsys):
     the checkpoint loads with weights_only and probes through eval_linear.py."""
     a, s, h = method_args(method), tmp_path / "straight", tmp_path / "halves"
     out = run_inprocess(method, a + ["--max_steps", "4"], s, capsys)
-    assert re.search(r"^summary \| .*img/s", out, re.M) and os.path.exists(s / "metrics.jsonl")
+    assert re.search(r"^summary \| .*img/s.* \| [\d.e+-]+ TFLOP/s$", out, re.M) and os.path.exists(s / "metrics.jsonl")
     pic = Image.open(s / "vis_0000004.png")  # the synthetic preset ends with a picture (common.save_picture)
     assert pic.height % (96 + 2) == 0 and pic.height >= 2 * 98
     run_inprocess(method, a + ["--max_steps", "2"], h, capsys)
@@ -480,7 +644,8 @@ def test_bad_input_never_loses_a_checkpoint(method, tmp_path, capsys):
 BAD_SHARED = {"data": ["mnist"], "model": ["vit_huge"], "img_size": ["0"], "patch_size": ["0"], "epochs": ["0"],
               "max_steps": ["-1"], "batch_size": ["0"], "blr": ["nan"], "weight_decay": ["-1"], "warmup_epochs": ["inf"],
               "num_workers": ["-1"], "seed": ["-1"], "compile": ["maybe"], "log_every": ["0"], "device": ["tpu"],
-              "vis_every": ["-1"], "save_every_min": ["-5"], "accum_iter": ["0"], "knn_every": ["-1"]}
+              "vis_every": ["-1"], "save_every_min": ["-5"], "accum_iter": ["0"], "knn_every": ["-1"],
+              "peak_tflops": ["-1"]}
 BAD_METHOD = {
     "attmask": {"mask_mode": ["middle"], "pred_ratio": ["1.5"], "pred_ratio_var": ["-0.1"], "masking_prob": ["2"],
                 "show_max": ["-1"], "local_crops": ["-1"], "local_size": ["18"], "out_dim": ["0"], "head_hidden": ["0"],
