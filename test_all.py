@@ -712,9 +712,10 @@ def _image_folder(root, size=32, n=8, val=False, corrupt=False, seed=0):
 def test_a_crash_in_the_loop_ends_the_process_and_its_loader_workers(tmp_path):
     """A corrupt image in a folder dataset crashes the loop: the process and its workers (which ignore
     SIGTERM) must exit, not wait for each other forever. Also: a folder without val/ says so at start."""
-    d = _image_folder(tmp_path / "imgs", corrupt=True)
+    d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4, corrupt=True)  # too big to hold: workers
     cmd = [sys.executable, os.path.join(HERE, "extrema.py"), "--data", "folder", "--data_dir", str(d), "--model",
-           "vit_pico", "--batch_size", "4", "--num_workers", "2", "--max_steps", "50", "--out_dir", str(tmp_path / "o")]
+           "vit_pico", "--img_size", "32", "--batch_size", "4", "--num_workers", "2", "--max_steps", "50",
+           "--out_dir", str(tmp_path / "o")]
     p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -784,16 +785,18 @@ def test_a_stuck_run_ends_on_a_second_sigterm(tmp_path):
     next step) cannot act; a second SIGTERM, 2 s later, ends the run at once with one line."""
     import signal
     import time
-    cmd = [sys.executable, os.path.join(HERE, "extrema.py"), *method_args("extrema"), "--num_workers", "1",
-           "--max_steps", "100000", "--log_every", "1", "--out_dir", str(tmp_path)]
+    d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4)  # too big to hold in memory: a worker
+    cmd = [sys.executable, os.path.join(HERE, "extrema.py"), *method_args("extrema"), "--data", "folder",
+           "--data_dir", str(d), "--img_size", "32", "--num_workers", "1", "--max_steps", "100000",
+           "--log_every", "1", "--out_dir", str(tmp_path / "o")]
     p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
-        _wait_for_log(tmp_path / "log.txt", "step 2/")
+        _wait_for_log(tmp_path / "o" / "log.txt", "step 2/")
         (worker,) = [int(w) for w in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
                                                     text=True).stdout.split()]
         os.kill(worker, signal.SIGSTOP)
-        n, log = -1, tmp_path / "log.txt"
+        n, log = -1, tmp_path / "o" / "log.txt"
         while n != len(log.read_text()):                # until the prefetched batches are used up
             n = len(log.read_text())
             time.sleep(2)
@@ -811,12 +814,14 @@ def test_loader_workers_die_within_a_second_of_their_parent(tmp_path):
     """kill -9 of the main process: its loader workers follow at once (not at their 5 s watchdog poll)."""
     import signal
     import time
-    cmd = [sys.executable, os.path.join(HERE, "amt.py"), *method_args("amt"), "--num_workers", "2",
-           "--max_steps", "100000", "--log_every", "1", "--out_dir", str(tmp_path)]
+    d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4)  # too big to hold in memory: workers
+    cmd = [sys.executable, os.path.join(HERE, "amt.py"), *method_args("amt"), "--data", "folder", "--data_dir",
+           str(d), "--img_size", "32", "--num_workers", "2", "--max_steps", "100000", "--log_every", "1",
+           "--out_dir", str(tmp_path / "o")]
     p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     try:
-        _wait_for_log(tmp_path / "log.txt", "step 2/")
+        _wait_for_log(tmp_path / "o" / "log.txt", "step 2/")
         workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
                                                   text=True).stdout.split()]
         assert len(workers) == 2
