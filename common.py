@@ -4,6 +4,7 @@ distributed loaders, and the frozen-feature probe (linear head sweep + weighted 
 Nothing here knows about a method; each method file imports only this module.
 """
 import atexit
+import copy
 import ctypes
 import dataclasses
 import gzip
@@ -512,23 +513,22 @@ def crop_params(u, H, W, scale, ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop.get_params for a batch, from u (B, 22): 10 tries of an area scale
     ~ U(scale) and a log aspect ratio ~ U(log ratio); the first box that fits wins; if none does, the centre
     crop with the ratio clamped; the position is uniform over the integer places the box fits.
+    H, W: ints (one size for all) or (B,) tensors (image files of different sizes).
     Returns top, left, h, w: (B,) int64."""
     u = u.double()
+    H, W = (torch.as_tensor(v, dtype=torch.float64, device=u.device).expand(len(u)) for v in (H, W))  # (B,)
     log_r = math.log(ratio[0]), math.log(ratio[1])
-    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :10])           # (B, 10)
+    area = (H * W)[:, None] * (scale[0] + (scale[1] - scale[0]) * u[:, :10])  # (B, 10)
     aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 10:20])
     w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
-    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)                           # (B, 10)
+    fits = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])         # (B, 10)
     first = fits.int().argmax(1, keepdim=True)                               # the first try that fits
     found = fits.any(1)
-    if W / H < min(ratio):                                                   # the fallback box
-        fw, fh = W, int(round(W / min(ratio)))
-    elif W / H > max(ratio):
-        fw, fh = int(round(H * max(ratio))), H
-    else:
-        fw, fh = W, H
-    w = torch.where(found, w.gather(1, first)[:, 0], float(fw))              # (B,)
-    h = torch.where(found, h.gather(1, first)[:, 0], float(fh))
+    narrow, wide = W / H < min(ratio), W / H > max(ratio)                    # the fallback box
+    fw = torch.where(wide, torch.round(H * max(ratio)), W)
+    fh = torch.where(narrow, torch.round(W / min(ratio)), H)
+    w = torch.where(found, w.gather(1, first)[:, 0], fw)                     # (B,)
+    h = torch.where(found, h.gather(1, first)[:, 0], fh)
     top = torch.where(found, torch.floor(u[:, 20] * (H - h + 1)), torch.floor((H - h) / 2))
     left = torch.where(found, torch.floor(u[:, 21] * (W - w + 1)), torch.floor((W - w) / 2))
     return top.long(), left.long(), h.long(), w.long()
@@ -564,9 +564,11 @@ def flip(x, u, p=0.5):
 def random_crop(x, draws, size, scale, mode):
     """RandomResizedCrop + horizontal flip (23 draws). Returns the views (B, 3, size, size) and the boxes
     (B, 5) in CropWithBox's format: (top, left, height, width) as fractions of the source, flip."""
-    H, W = x.shape[-2:]
+    files = isinstance(x, FileImages)                                        # image files of their own sizes
+    H, W = (x.H, x.W) if files else x.shape[-2:]
     top, left, h, w = crop_params(draws(22), H, W, scale)
-    out, f = flip(resample(x, top, left, h, w, size, mode), draws(1)[:, 0])
+    out = x.crop(top, left, h, w, size, mode) if files else resample(x, top, left, h, w, size, mode)
+    out, f = flip(out, draws(1)[:, 0])
     box = torch.stack([top / H, left / W, h / H, w / W, f.float()], 1).float()
     return out, box
 
@@ -589,11 +591,12 @@ def hue_shift(x, shift):
     return v[:, None] - c[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
-def color_jitter(x, u, brightness, contrast, saturation, hue):
+def color_jitter(x, u, brightness, contrast, saturation, hue, mean_scale=None):
     """torchvision's ColorJitter with per-image factors and order, from u (B, 8): the order of the four ops
     is a random permutation per image (argsort of 4 uniforms), factors ~ U(1 -+ a), hue shift ~ U(-+ hue).
     Brightness, contrast and saturation blend towards black, the mean grey level, the grey image. The costly
-    hue op runs once: first every image's blends that come before its hue, then the hue, then the rest."""
+    hue op runs once: first every image's blends that come before its hue, then the hue, then the rest.
+    mean_scale (B,): contrast's grey level is the image's mean times it (a crop standing in for its source)."""
     order = u[:, :4].argsort(1)                                               # (B, 4)
     hue_at = (order == 3).int().argmax(1)                                     # (B,) the hue op's place
     amp = torch.tensor([brightness, contrast, saturation], device=x.device)
@@ -605,7 +608,8 @@ def color_jitter(x, u, brightness, contrast, saturation, hue):
             f = torch.where(now, factor.gather(1, op[:, None].clamp(max=2))[:, 0], 1.0).view(-1, 1, 1, 1)
             is_c, is_s = ((op == k).to(x.dtype).view(-1, 1, 1, 1) for k in (1, 2))
             g = gray(x)                                                       # (B, 1, H, W)
-            toward = torch.addcmul(g.mean((1, 2, 3), keepdim=True) * is_c, g, is_s)  # black / mean grey / grey
+            m = g.mean((1, 2, 3), keepdim=True) * (1 if mean_scale is None else mean_scale.view(-1, 1, 1, 1))
+            toward = torch.addcmul(m * is_c, g, is_s)                         # black / mean grey / grey
             x = torch.lerp(toward, x, f).clamp_(0, 1)                         # f x + (1 - f) toward; x at f = 1
         if before and hue:
             x = hue_shift(x, (2 * u[:, 7] - 1) * hue)
@@ -653,9 +657,13 @@ class BatchCrop:
         self.source_jitter, self.mode = source_jitter, interpolation
 
     def __call__(self, x, draws):
-        if self.source_jitter:
-            x = color_jitter(x, draws(8), *self.source_jitter)
-        x, box = random_crop(x, draws, self.size, self.scale, self.mode)
+        files = isinstance(x, FileImages)
+        u = draws(8) if self.source_jitter else None
+        if self.source_jitter and not files:
+            x = color_jitter(x, u, *self.source_jitter)
+        src, (x, box) = x, random_crop(x, draws, self.size, self.scale, self.mode)
+        if self.source_jitter and files:  # the crop jittered instead, its contrast toward the whole image's grey
+            x = color_jitter(x, u, *self.source_jitter, mean_scale=src.mean_gray() / gray(x).mean((1, 2, 3)).clamp(min=1e-6))
         x = normalize_batch(color_gray(x, draws) if self.color else x, self.data)
         return (x, box) if self.with_box else x
 
@@ -680,6 +688,12 @@ class BatchMultiCrop:
         self.sigma = (0.1 * global_size / 224, 2.0 * global_size / 224)       # DINO's radius at 224 px, scaled
 
     def __call__(self, x, draws):
+        if isinstance(x, FileImages):  # image files: announce every view's box first, so one decode serves all
+            ahead = copy.copy(draws)
+            for size, scale, *_ in self.kinds:
+                _, _, h, w = crop_params(ahead(22), x.H, x.W, scale)
+                x.expect(h, w, size, size)
+                ahead(14)                                                     # flip 1, colour 10, blur 3
         views = []
         for size, scale, p_blur, p_solar in self.kinds:
             v, _ = random_crop(x, draws, size, scale, self.mode)
@@ -701,6 +715,8 @@ class BatchEval:
         self.data, self.size, self.squash = data, img_size, squash
 
     def __call__(self, x, draws=None):
+        if isinstance(x, FileImages):
+            return self.files(x)
         (H, W), s = x.shape[-2:], self.size
         if self.squash:
             if (H, W) != (s, s):
@@ -712,6 +728,220 @@ class BatchEval:
             x = F.interpolate(x, hw, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         t, l = int(round((hw[0] - s) / 2)), int(round((hw[1] - s) / 2))            # CenterCrop(s)
         return normalize_batch(x[..., t:t + s, l:l + s], self.data)
+
+    def files(self, x):
+        """The same for image files of their own sizes, each resized and cropped on its own (FileImages)."""
+        s = self.size
+        r = s if s == DATASETS[self.data][0] <= 64 else int(round(s * 256 / 224))
+        H, W = x.hw.double().unbind(1)                                              # (B,) header sizes
+        hw = torch.stack([torch.where(H <= W, r, (r * H / W).long()), torch.where(H <= W, (r * W / H).long(), r)], 1)
+        tl = torch.round((hw - s) / 2).long()                                       # (B, 2) CenterCrop(s)
+        return normalize_batch(x.resize_crop(hw, tl, s, self.squash), self.data)
+
+
+# ----------------------------------------------------------------------------
+# Image files (ImageNet, large folders): loader workers only read each file's bytes and its header size; the
+# main process draws the crop boxes (Draws, as above), decodes every image once per step (nvJPEG in batches on
+# CUDA; PIL in threads on the CPU, at a reduced JPEG scale when every box allows it), crops and resizes each box
+# (one op per image), and the batched view does the rest (flip, colour, blur, solarize, normalise).
+
+JPEG_DRAFT = True  # CPU: let PIL decode a JPEG at 1/2..1/8 scale when no box then falls below its output size
+_THREADS = []      # the decode thread pool, made on first use
+
+
+class FileBytes(torch.utils.data.Dataset):
+    """Worker side of the file path: key -> (key, bytes (n,) uint8, (H, W) from the header, label). A file PIL
+    cannot even identify gets size (0, 0); the main process then tries to decode it and reports it."""
+
+    def __init__(self, samples):
+        self.samples = samples  # [(path, label)]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        import io
+        path, y = self.samples[key % len(self.samples)]
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                W, H = im.size
+        except Exception:
+            H = W = 0
+        return key, torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8), (H, W), y
+
+
+def _collate_files(items):
+    keys, data, hw, labels = zip(*items)
+    return torch.tensor(keys), list(data), torch.tensor(hw), torch.tensor(labels)
+
+
+def image_files(ds):
+    """[(path, label)] of an ImageFolder (or a Subset of one), else None."""
+    if isinstance(ds, torch.utils.data.Subset):
+        full = image_files(ds.dataset)
+        return None if full is None else [full[i] for i in ds.indices]
+    return list(ds.samples) if isinstance(ds, datasets.ImageFolder) else None
+
+
+def _pil_decode(data, req=None):
+    """uint8 bytes -> RGB PIL image, at a reduced JPEG scale when req (w, h) allows it, and its scale (sx, sy)
+    against the header size. Raises what PIL raises for a broken file."""
+    import io
+    im = Image.open(io.BytesIO(data.numpy()))
+    W, H = im.size
+    if req is not None and JPEG_DRAFT and im.format == "JPEG":
+        im.draft(im.mode, req)              # picks the smallest scale 1/k whose size is still >= req
+    im = im.convert("RGB")                  # loads: grey and CMYK become RGB
+    return im, (im.size[0] / W, im.size[1] / H)
+
+
+class FileImages:
+    """One batch of image files: the compressed bytes, header sizes hw (B, 2), and the decoded images (made
+    once, on the first crop). The views call random_crop / BatchEval on it as on an image tensor; `expect`
+    announces later boxes so that one decode serves them all (multi-crop)."""
+
+    def __init__(self, data, hw, paths, device):
+        self.data, self.hw, self.paths, self.device = data, hw, paths, device
+        self.H, self.W = hw[:, 0].to(device), hw[:, 1].to(device)           # (B,)
+        self.need = torch.zeros(len(data), 2, dtype=torch.float64)          # (B, 2) decode size needed, (w, h)
+        self.images = None
+        for b in (hw.min(1).values == 0).nonzero()[:, 0].tolist():          # header unreadable: say why
+            self.decode_one(b)
+
+    def fail(self, b, e):
+        die(f"cannot decode the image file {self.paths[b]} ({type(e).__name__}: {str(e)[:100]}); remove or replace it")
+
+    def decode_one(self, b, req=None):
+        try:
+            return _pil_decode(self.data[b], req)
+        except Exception as e:
+            self.fail(b, e)
+
+    def expect(self, h, w, out_h, out_w):
+        """A box h, w (B,) of source pixels will be resized to out_h x out_w: keep the decode at least that fine."""
+        hw = self.hw.double()
+        need = torch.stack([hw[:, 1] * out_w / w.double().cpu(), hw[:, 0] * out_h / h.double().cpu()], 1)
+        self.need = torch.maximum(self.need, need.ceil())
+
+    def decode(self):
+        """CUDA: JPEGs in one nvJPEG batch (torchvision.io.decode_jpeg), anything else with PIL, as (3, H, W)
+        uint8 tensors on the device. CPU: RGB PIL images, decoded in threads, each at the scale `need` allows."""
+        if self.images is not None:
+            return
+        B = len(self.data)
+        if self.device.type == "cuda":
+            self.images = [None] * B
+            jpeg = [b for b in range(B) if self.data[b][:3].tolist() == [0xFF, 0xD8, 0xFF]]
+            try:
+                from torchvision.io import ImageReadMode, decode_jpeg
+                for b, t in zip(jpeg, decode_jpeg([self.data[b] for b in jpeg], mode=ImageReadMode.RGB,
+                                                  device=self.device)):
+                    self.images[b] = t                                      # (3, H, W) uint8
+            except Exception:  # e.g. a CMYK or broken JPEG in the batch: PIL for the whole batch
+                pass
+            for b in range(B):
+                if self.images[b] is None:
+                    im, _ = self.decode_one(b)
+                    self.images[b] = torch.from_numpy(np.asarray(im)).permute(2, 0, 1).to(self.device)
+            self.scale = [(1.0, 1.0)] * B
+            return
+        if not _THREADS:
+            from concurrent.futures import ThreadPoolExecutor
+            _THREADS.append(ThreadPoolExecutor(min(4, default_workers())))
+        req = [tuple(int(v) for v in n) if n.min() > 0 else None for n in self.need]
+        out = list(_THREADS[0].map(lambda b: self._try(b, req[b]), range(B)))
+        for b, r in enumerate(out):
+            if isinstance(r, Exception):
+                self.fail(b, r)
+        self.images, self.scale = [r[0] for r in out], [r[1] for r in out]
+
+    def _try(self, b, req):
+        try:
+            return _pil_decode(self.data[b], req)
+        except Exception as e:
+            return e
+
+    def _stack(self, fn):
+        """fn(b) -> the b-th output, a PIL image (CPU) or a float (1, 3, s, s) in [0, 1] (CUDA) -> (B, 3, s, s)."""
+        if self.device.type == "cuda":
+            return torch.cat([fn(b) for b in range(len(self.data))])
+        arrays = list(_THREADS[0].map(lambda b: np.asarray(fn(b)), range(len(self.data))))
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)           # (B, 3, s, s) uint8
+        return x.float().div_(255)
+
+    def crop(self, top, left, h, w, size, mode):
+        """Boxes (B,) of source pixels resized to (B, 3, size, size) floats in [0, 1] on the device: PIL's filter
+        on the CPU (crop, then resize: RandomResizedCrop), antialiased interpolation on CUDA."""
+        self.expect(h, w, size, size)
+        self.decode()
+        t, l, hh, ww = (v.tolist() for v in (top, left, h, w))
+        if self.device.type == "cuda":
+            return self._stack(lambda b: F.interpolate(
+                self.images[b][None, :, t[b]:t[b] + hh[b], l[b]:l[b] + ww[b]].float(), (size, size), mode=mode,
+                antialias=True, align_corners=False).div_(255).clamp_(0, 1))
+        resample = Image.BICUBIC if mode == "bicubic" else Image.BILINEAR
+
+        def one(b):
+            (sx, sy), im = self.scale[b], self.images[b]
+            if (sx, sy) == (1.0, 1.0):
+                return im.crop((l[b], t[b], l[b] + ww[b], t[b] + hh[b])).resize((size, size), resample)
+            box = (l[b] * sx, t[b] * sy, (l[b] + ww[b]) * sx, (t[b] + hh[b]) * sy)
+            return im.resize((size, size), resample, box=box)
+        return self._stack(one)
+
+    def resize_crop(self, hw, tl, size, squash):
+        """eval_transform for each image: resize to hw (B, 2) (bicubic), then the size x size crop at tl (B, 2);
+        squash: the whole image to size x size (bilinear, AMT's refresh)."""
+        if squash:
+            hw, tl = torch.full_like(self.hw, size), torch.zeros_like(self.hw)
+        self.need = torch.maximum(self.need, hw.flip(1).double())
+        self.decode()
+        mode = "bilinear" if squash else "bicubic"
+        (rh, rw), (t, l) = hw.T.tolist(), tl.T.tolist()
+        if self.device.type == "cuda":
+            return self._stack(lambda b: F.interpolate(self.images[b][None].float(), (rh[b], rw[b]), mode=mode,
+                                                       antialias=True, align_corners=False)
+                               [..., t[b]:t[b] + size, l[b]:l[b] + size].div_(255).clamp_(0, 1))
+        resample = Image.BILINEAR if squash else Image.BICUBIC
+        return self._stack(lambda b: self.images[b].resize((rw[b], rh[b]), resample)
+                           .crop((l[b], t[b], l[b] + size, t[b] + size)))
+
+    def mean_gray(self):
+        """(B,) mean grey level in [0, 1] of each whole decoded image (DTM's jitter before the crop)."""
+        self.decode()
+        if self.device.type == "cuda":
+            return torch.stack([gray(im[None].float()).mean() / 255 for im in self.images])
+        g = [np.asarray(im.convert("L"), np.float32).mean() / 255 for im in self.images]
+        return torch.tensor(g, device=self.device)
+
+
+class FileLoader:
+    """Batches of an image-file set (FileImages) made by a batched view on `device`: the same (views, labels)
+    or (views, labels, index) tuples as MemoryLoader, with the same per-key augmentation (Draws(seed, key)),
+    so a batch does not depend on the worker count, the batch it is in, the rank or a resume."""
+
+    def __init__(self, samples, batched, batch_size, sampler, seed, device, with_index=False, drop_last=True,
+                 num_workers=None):
+        num_workers = default_workers() if num_workers is None else num_workers
+        self.samples, self.batched, self.sampler, self.seed = samples, batched, sampler, seed
+        self.device, self.with_index = device, with_index
+        self.loader = torch.utils.data.DataLoader(
+            FileBytes(samples), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            collate_fn=_collate_files, drop_last=drop_last, persistent_workers=num_workers > 0,
+            worker_init_fn=_worker_init, prefetch_factor=4 if num_workers > 0 else None)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for keys, data, hw, labels in self.loader:
+            idx = keys % len(self.samples)
+            x = FileImages(data, hw, [self.samples[i][0] for i in idx.tolist()], self.device)
+            x = self.batched(x, Draws(self.seed, keys.to(self.device)))
+            y = labels.to(self.device, non_blocking=True)
+            yield (x, y, idx) if self.with_index else (x, y)
 
 
 # ----------------------------------------------------------------------------
@@ -803,6 +1033,10 @@ def make_loader(ds, transform, batch_size, train=True, seed=0, rank=0, world=1, 
     mem = memory_images(ds) if batched is not None else None
     if mem is not None:
         return MemoryLoader(mem, batched, batch_size, sampler, seed, torch.device(device), with_index, train)
+    files = image_files(ds) if batched is not None else None
+    if files is not None:
+        return FileLoader(files, batched, batch_size, sampler, seed, torch.device(device), with_index, train,
+                          num_workers)
     num_workers = default_workers() if num_workers is None else num_workers
     return torch.utils.data.DataLoader(
         SeededView(ds, transform, seed, with_index), batch_size=batch_size, sampler=sampler,
@@ -843,6 +1077,9 @@ class FixedKeys:
 
     def keys(self):
         return self.fixed
+
+    def __iter__(self):
+        return iter(self.fixed.tolist())
 
     def __len__(self):
         return len(self.fixed)
@@ -894,6 +1131,10 @@ def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=No
     if mem is not None:
         shard = FixedKeys(torch.arange(rank, len(ds), world))
         loader = MemoryLoader(mem, batched, batch_size, shard, 0, torch.device(device), drop_last=False)
+    elif batched is not None and image_files(ds) is not None:
+        shard = FixedKeys(torch.arange(rank, len(ds), world))
+        loader = FileLoader(image_files(ds), batched, batch_size, shard, 0, torch.device(device), drop_last=False,
+                            num_workers=num_workers)
     else:
         loader = torch.utils.data.DataLoader(
             SeededView(ds, transform), batch_size=batch_size,
