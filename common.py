@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, UnidentifiedImageError
 from torchvision import datasets, transforms as T
 
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
@@ -750,8 +750,9 @@ _THREADS = []      # the decode thread pool, made on first use
 
 
 class FileBytes(torch.utils.data.Dataset):
-    """Worker side of the file path: key -> (key, bytes (n,) uint8, (H, W) from the header, label). A file PIL
-    cannot even identify gets size (0, 0); the main process then tries to decode it and reports it."""
+    """Worker side of the file path: key -> (key, bytes (n,) uint8, (H, W) from the header, label, whether it is
+    an RGB or grey JPEG (nvJPEG's)). A file PIL cannot identify gets size (0, 0); the main process then tries to
+    decode it and reports it."""
 
     def __init__(self, samples):
         self.samples = samples  # [(path, label)]
@@ -766,15 +767,16 @@ class FileBytes(torch.utils.data.Dataset):
             data = f.read()
         try:
             with Image.open(io.BytesIO(data)) as im:  # reads the header only
-                W, H = im.size
+                (W, H), jpeg = im.size, im.format == "JPEG" and im.mode in ("RGB", "L")
         except Exception:
-            H = W = 0
-        return key, torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8), (H, W), y
+            H = W = jpeg = 0
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return key, data, (H, W), y, jpeg
 
 
 def _collate_files(items):
-    keys, data, hw, labels = zip(*items)
-    return torch.tensor(keys), list(data), torch.tensor(hw), torch.tensor(labels)
+    keys, data, hw, labels, jpeg = zip(*items)
+    return torch.tensor(keys), list(data), torch.tensor(hw), torch.tensor(labels), list(jpeg)
 
 
 def image_files(ds):
@@ -802,8 +804,10 @@ class FileImages:
     once, on the first crop). The views call random_crop / BatchEval on it as on an image tensor; `expect`
     announces later boxes so that one decode serves them all (multi-crop)."""
 
-    def __init__(self, data, hw, paths, device):
+    def __init__(self, data, hw, paths, device, jpeg=None, tensors=None):
         self.data, self.hw, self.paths, self.device = data, hw, paths, device
+        self.jpeg = jpeg or [False] * len(data)                             # RGB / grey JPEGs: for nvJPEG
+        self.tensors = device.type == "cuda" if tensors is None else tensors  # decode and crop as tensors
         self.H, self.W = hw[:, 0].to(device), hw[:, 1].to(device)           # (B,)
         self.need = torch.zeros(len(data), 2, dtype=torch.float64)          # (B, 2) decode size needed, (w, h)
         self.images = None
@@ -811,7 +815,8 @@ class FileImages:
             self.decode_one(b)
 
     def fail(self, b, e):
-        die(f"cannot decode the image file {self.paths[b]} ({type(e).__name__}: {str(e)[:100]}); remove or replace it")
+        why = "not an image format PIL reads" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        die(f"cannot decode the image file {self.paths[b]} ({why[:100]}); remove or replace it")
 
     def decode_one(self, b, req=None):
         try:
@@ -831,20 +836,23 @@ class FileImages:
         if self.images is not None:
             return
         B = len(self.data)
-        if self.device.type == "cuda":
+        if self.tensors:
             self.images = [None] * B
-            jpeg = [b for b in range(B) if self.data[b][:3].tolist() == [0xFF, 0xD8, 0xFF]]
+            jpeg = [b for b in range(B) if self.jpeg[b]]
             try:
+                import warnings
                 from torchvision.io import ImageReadMode, decode_jpeg
-                for b, t in zip(jpeg, decode_jpeg([self.data[b] for b in jpeg], mode=ImageReadMode.RGB,
-                                                  device=self.device)):
-                    self.images[b] = t                                      # (3, H, W) uint8
-            except Exception:  # e.g. a CMYK or broken JPEG in the batch: PIL for the whole batch
+                with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec, not a dependency here
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    out = decode_jpeg([self.data[b] for b in jpeg], mode=ImageReadMode.RGB, device=self.device)
+                for b, t in zip(jpeg, out):
+                    self.images[b] = t                                      # (3, H, W) uint8, grey expanded
+            except Exception:  # a broken JPEG in the batch: PIL decodes them all, and names the broken one
                 pass
             for b in range(B):
                 if self.images[b] is None:
                     im, _ = self.decode_one(b)
-                    self.images[b] = torch.from_numpy(np.asarray(im)).permute(2, 0, 1).to(self.device)
+                    self.images[b] = torch.from_numpy(np.array(im)).permute(2, 0, 1).to(self.device)
             self.scale = [(1.0, 1.0)] * B
             return
         if not _THREADS:
@@ -865,7 +873,7 @@ class FileImages:
 
     def _stack(self, fn):
         """fn(b) -> the b-th output, a PIL image (CPU) or a float (1, 3, s, s) in [0, 1] (CUDA) -> (B, 3, s, s)."""
-        if self.device.type == "cuda":
+        if self.tensors:
             return torch.cat([fn(b) for b in range(len(self.data))])
         arrays = list(_THREADS[0].map(lambda b: np.asarray(fn(b)), range(len(self.data))))
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)           # (B, 3, s, s) uint8
@@ -877,7 +885,7 @@ class FileImages:
         self.expect(h, w, size, size)
         self.decode()
         t, l, hh, ww = (v.tolist() for v in (top, left, h, w))
-        if self.device.type == "cuda":
+        if self.tensors:
             return self._stack(lambda b: F.interpolate(
                 self.images[b][None, :, t[b]:t[b] + hh[b], l[b]:l[b] + ww[b]].float(), (size, size), mode=mode,
                 antialias=True, align_corners=False).div_(255).clamp_(0, 1))
@@ -900,7 +908,7 @@ class FileImages:
         self.decode()
         mode = "bilinear" if squash else "bicubic"
         (rh, rw), (t, l) = hw.T.tolist(), tl.T.tolist()
-        if self.device.type == "cuda":
+        if self.tensors:
             return self._stack(lambda b: F.interpolate(self.images[b][None].float(), (rh[b], rw[b]), mode=mode,
                                                        antialias=True, align_corners=False)
                                [..., t[b]:t[b] + size, l[b]:l[b] + size].div_(255).clamp_(0, 1))
@@ -911,7 +919,7 @@ class FileImages:
     def mean_gray(self):
         """(B,) mean grey level in [0, 1] of each whole decoded image (DTM's jitter before the crop)."""
         self.decode()
-        if self.device.type == "cuda":
+        if self.tensors:
             return torch.stack([gray(im[None].float()).mean() / 255 for im in self.images])
         g = [np.asarray(im.convert("L"), np.float32).mean() / 255 for im in self.images]
         return torch.tensor(g, device=self.device)
@@ -930,15 +938,15 @@ class FileLoader:
         self.loader = torch.utils.data.DataLoader(
             FileBytes(samples), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
             collate_fn=_collate_files, drop_last=drop_last, persistent_workers=num_workers > 0,
-            worker_init_fn=_worker_init, prefetch_factor=4 if num_workers > 0 else None)
+            worker_init_fn=_worker_init)
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for keys, data, hw, labels in self.loader:
+        for keys, data, hw, labels, jpeg in self.loader:
             idx = keys % len(self.samples)
-            x = FileImages(data, hw, [self.samples[i][0] for i in idx.tolist()], self.device)
+            x = FileImages(data, hw, [self.samples[i][0] for i in idx.tolist()], self.device, jpeg)
             x = self.batched(x, Draws(self.seed, keys.to(self.device)))
             y = labels.to(self.device, non_blocking=True)
             yield (x, y, idx) if self.with_index else (x, y)

@@ -340,6 +340,85 @@ def test_memory_images_rules_and_batched_eval(tmp_path):
     assert torch.allclose(slow[0], fast[0], atol=1e-5) and torch.equal(slow[1], fast[1])
 
 
+def _jpeg_folder(root, n=12, seed=0, val=False):
+    """n smooth images of 40-90 px a side in two classes: RGB JPEGs plus one grey JPEG, one CMYK JPEG, one PNG."""
+    g = np.random.default_rng(seed)
+    for split in ["train"] + (["val"] if val else []):
+        for i in range(n):
+            H, W = g.integers(40, 91, 2)
+            yy, xx = np.mgrid[0:H, 0:W] / max(H, W)
+            px = np.stack([np.sin(6 * xx + i), np.cos(5 * yy), np.sin(4 * (xx + yy))], -1) * 110 + 128
+            im, d = Image.fromarray(px.clip(0, 255).astype(np.uint8)), root / split / f"c{i % 2}"
+            os.makedirs(d, exist_ok=True)
+            kind = (["RGB", "L", "CMYK", "PNG"] + ["RGB"] * n)[i]
+            im.save(d / f"{i}.png") if kind == "PNG" else im.convert(kind).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+def _file_batch(ds, keys):
+    return common._collate_files([common.FileBytes(common.image_files(ds))[k] for k in keys])
+
+
+def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
+    """The file path's crops of generated JPEGs (also grey, CMYK, PNG) against PIL (open, RGB, crop, resize):
+    bitwise with full decodes; within a few levels with draft decodes (a reduced JPEG scale) and with the tensor
+    branch (decode_jpeg + antialiased interpolate: what runs on CUDA, here on the CPU). The eval views equal
+    eval_transform and AMT's squash; a broken JPEG is one line naming it."""
+    ds = common.build_dataset("folder", str(_jpeg_folder(tmp_path)), True)
+    keys, data, hw, _, jpeg = _file_batch(ds, range(12))
+    paths = [p for p, _ in ds.samples]
+    assert jpeg == [not p.endswith(("2.jpg", "3.png")) for p in paths]                # CMYK, PNG: through PIL
+    src = [Image.open(p).convert("RGB") for p in paths]
+    assert torch.equal(hw, torch.tensor([im.size[::-1] for im in src]))
+    for draft, tensors, worst, mean in [(False, False, 0, 0), (True, False, 12, 1), (False, True, 2, 0.5)]:
+        monkeypatch.setattr(common, "JPEG_DRAFT", draft)
+        x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg, tensors=tensors)
+        top, left, h, w = common.crop_params(common.Draws(1, keys)(22), x.H, x.W, (0.2, 1.0))
+        out = x.crop(top, left, h, w, 24, "bicubic")                                   # (12, 3, 24, 24)
+        ref = np.stack([np.asarray(im.crop((j, i, j + ww, i + hh)).resize((24, 24), Image.BICUBIC)) for im, i, j, hh, ww
+                        in zip(src, top.tolist(), left.tolist(), h.tolist(), w.tolist())])
+        err = (out * 255 - torch.tensor(ref).permute(0, 3, 1, 2)).abs()
+        assert err.max() <= worst + 1e-3 and err.mean() <= mean, (draft, tensors, err.max(), err.mean())
+        assert draft == any(s != (1.0, 1.0) for s in getattr(x, "scale", []))          # draft decodes did happen
+    monkeypatch.setattr(common, "JPEG_DRAFT", False)
+    x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg)
+    view, box = common.BatchCrop("folder", 24, with_box=True)(x, common.Draws(1, keys))  # + flip and normalise
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in common.DATASETS["folder"][2])
+    for b in range(12):
+        H, W = src[b].size[::-1]
+        i, j, hh, ww = (round(float(v) * s) for v, s in zip(box[b, :4], (H, W, H, W)))
+        ref = T.functional.to_tensor(src[b].crop((j, i, j + ww, i + hh)).resize((24, 24), Image.BICUBIC))
+        ref = ref.flip(-1) if box[b, 4] else ref
+        assert torch.allclose(view[b] * std + mean, ref, atol=1e-5), b
+    enc = torch.nn.Flatten()
+    for size, squash in [(24, False), (24, True)]:
+        tf = T.Compose([T.Resize((size, size)), T.ToTensor(), common.normalize("folder")]) if squash else \
+            common.eval_transform("folder", size)
+        slow = common.extract(enc, ds, tf, 5, num_workers=0)
+        fast = common.extract(enc, ds, None, 5, num_workers=0, batched=common.BatchEval("folder", size, squash=squash))
+        assert torch.allclose(slow[0], fast[0], atol=1e-5) and torch.equal(slow[1], fast[1])
+    broken = bytearray(data[5].numpy())[:len(data[5]) // 2]                           # header intact, data cut
+    x = common.FileImages([torch.tensor(broken)] + data[1:], hw, paths, torch.device("cpu"))
+    with pytest.raises(SystemExit, match=rf"^error: cannot decode the image file {re.escape(paths[0])} \(.*\); "
+                                         "remove or replace it$"):
+        x.crop(top, left, h, w, 24, "bicubic")
+
+
+def test_file_loader_is_independent_of_workers_batch_and_resume(tmp_path):
+    """The same view of every key with 0 or 2 workers, batch 4 or 3, and a mid-epoch resume: bitwise."""
+    ds = common.build_dataset("folder", str(_jpeg_folder(tmp_path)), True)
+    views = common.BatchCrop("folder", 16, color=True)
+    one = common.make_loader(ds, None, 4, batched=views, with_index=True, num_workers=0, seed=3)
+    assert isinstance(one, common.FileLoader)
+    one.sampler.set_epoch(1)
+    ref = {int(k): (v, int(c)) for x, y, i in one for k, v, c in zip(i, x, y)}        # index -> (view, label)
+    two = common.make_loader(ds, None, 3, batched=views, with_index=True, num_workers=2, seed=3)
+    two.sampler.set_epoch(1, skip=3)                                                   # resumed after a batch
+    seen = [(k, v, c) for x, y, i in two for k, v, c in zip(i.tolist(), x, y.tolist())]
+    assert len(seen) == 9 and all(torch.equal(v, ref[k][0]) and c == ref[k][1] for k, v, c in seen)
+    assert len(ref) == 12 and not torch.equal(ref[0][0], next(iter(one))[0][0])        # epoch 1 != epoch 0
+
+
 def test_flop_count_leaves_the_model_and_rng_alone_and_mfu():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
