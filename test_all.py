@@ -789,9 +789,13 @@ def _image_folder(root, size=32, n=8, val=False, corrupt=False, seed=0):
 
 
 def test_a_crash_in_the_loop_ends_the_process_and_its_loader_workers(tmp_path):
-    """A corrupt image in a folder dataset crashes the loop: the process and its workers (which ignore
-    SIGTERM) must exit, not wait for each other forever. Also: a folder without val/ says so at start."""
+    """A corrupt image in a folder dataset (not an image; a JPEG cut in half) ends the run with one line naming
+    it: the process and its workers (which ignore SIGTERM) must exit, not wait for each other forever.
+    Also: a folder without val/ says so at start."""
     d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4, corrupt=True)  # too big to hold: workers
+    cut = d / "train" / "c1" / "cut.jpg"
+    Image.open(d / "train" / "c1" / "0.png").save(cut, quality=90)
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
     cmd = [sys.executable, os.path.join(HERE, "extrema.py"), "--data", "folder", "--data_dir", str(d), "--model",
            "vit_pico", "--img_size", "32", "--batch_size", "4", "--num_workers", "2", "--max_steps", "50",
            "--out_dir", str(tmp_path / "o")]
@@ -801,7 +805,9 @@ def test_a_crash_in_the_loop_ends_the_process_and_its_loader_workers(tmp_path):
         out, err = p.communicate(timeout=90)
     finally:
         os.killpg(p.pid, 9) if p.poll() is None else None
-    assert p.returncode != 0 and "cannot identify image file" in err, err[-1500:]
+    assert p.returncode != 0 and "\n" not in err.strip() and "Traceback" not in err, err[-1500:]
+    assert re.fullmatch(rf"error: cannot decode the image file ({d}/train/c0/3.png|{cut}) \(.*\); remove or "
+                        "replace it", err.strip()), err
     assert "has no val/ folder" in out
     alive = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
     assert not alive, f"loader workers left behind: {alive}"
