@@ -1271,7 +1271,8 @@ def online_knn(cfg, step, steps_per_epoch, stop, build_encoder, device, log):
     tf = eval_transform(cfg.data, cfg.img_size)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         encoder = build_encoder()                      # a copy: the live modules keep their train mode
-        kw = dict(batch_size=256, device=str(device), num_workers=cfg.num_workers, desc="knn")
+        kw = dict(batch_size=256, device=str(device), num_workers=cfg.num_workers, desc="knn",
+                  batched=BatchEval(cfg.data, cfg.img_size))
         bank_f, bank_y = extract(encoder, bank, tf, **kw)
         val_f, val_y = extract(encoder, queries, tf, **kw)
         del encoder
