@@ -26,7 +26,9 @@ Deviations from the official code:
     --accum_iter is not exactly a bigger batch: the ViT-B preset averages the official 128 images (x accum 2);
     256 per GPU would average 256 (more errors cancel in the mean: typically a smaller loss): not the same loss.
   - Crops resize bilinear as official; in-memory sets (all but ImageNet and large folders) are cropped in
-    batches on the device (common.py: roi_align, area-averaged when a box shrinks, like PIL's antialiasing).
+    batches on the device (common.py: roi_align, area-averaged when a box shrinks, like PIL's antialiasing);
+    ImageNet and large folders are decoded once per step in the main process (a reduced JPEG scale on the CPU
+    where the crop allows it, nvJPEG on CUDA) and cropped per image (PIL on the CPU, antialiased on CUDA).
 Run: python a2mim.py (~1 min CPU run, synthetic data) | python a2mim.py --data cifar10 [--model vit_tiny]
      torchrun --nproc_per_node=8 a2mim.py --data imagenet --data_dir /path/to/imagenet [--model vit_base]
 SimMIM-like baseline: --freq_weight 0, and for a ViT also --mask_layer 0 --fill zero."""

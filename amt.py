@@ -30,7 +30,10 @@ Deviations from the official code:
   and the loss averages a fixed count of masked patches per image.
 - in-memory sets (all but ImageNet and large folders) are cropped in batches on the device (common.py):
   bicubic by grid sampling (cubic a = -0.75, PIL's -0.5), a box larger than the output bilinear with area
-  averaging (no batched antialiased bicubic); the refresh resize is antialiased bilinear on the batch.
+  averaging (no batched antialiased bicubic); the refresh resize is antialiased bilinear on the batch;
+  ImageNet and large folders are decoded once per step in the main process (a reduced JPEG scale on the CPU
+  where the box allows it, nvJPEG on CUDA), each crop and refresh resize per image (PIL on the CPU, bitwise
+  the old transforms without the reduced scale; antialiased interpolation on CUDA).
 
 Run:
     python amt.py                                                    # ~1 min CPU run, AMT from epoch 1

@@ -33,7 +33,10 @@ Deviations from the official code:
   - in-memory sets (all but ImageNet and large folders): multi-crop in batches on the device (common.py),
     bicubic by grid sampling (cubic a = -0.75, PIL's -0.5), a box larger than its output (local crops of
     big images) bilinear with area averaging; colour ops in float (no uint8 rounding between them); the
-    blur a true Gaussian with sigma = DINO's radius (PIL approximates it with box filters).
+    blur a true Gaussian with sigma = DINO's radius (PIL approximates it with box filters);
+  - ImageNet and large folders: each image decoded once per step for all 12 crops (CPU: at a reduced JPEG
+    scale when every crop allows it; CUDA: nvJPEG), each crop resized on its own (PIL bicubic on the CPU,
+    antialiased interpolation on CUDA), then the batched ops above (common.py).
 
 Run:
     python attmask.py                                                      # ~1 min CPU run, synthetic data

@@ -2,6 +2,18 @@
 distributed loaders, and the frozen-feature probe (linear head sweep + weighted kNN).
 
 Nothing here knows about a method; each method file imports only this module.
+
+Image files (ImageNet, large folders) are decoded once per step in the main process and cropped per image,
+then augmented by the same batched ops as the in-memory sets. Where that differs from per-image PIL transforms:
+- CPU, JPEG: PIL's draft mode decodes at 1/2..1/8 scale when every box of the image keeps at least its output
+  resolution there; the DCT-scaled decode differs from a full decode + resize by about 1/255 on average
+  (a few levels at sharp edges). `JPEG_DRAFT = False` turns it off (then the crops are PIL's, bitwise).
+- CUDA: nvJPEG decodes (not libjpeg: the pixels may differ by a level), and crops resize with antialiased
+  F.interpolate (within about 1/255 of PIL's filter, not bitwise); the boxes reach the host once per view.
+- Flip, colour jitter, grey, blur, solarize run on the cropped batch as floats (torchvision's laws, not
+  PIL's uint8 rounding). DTM's jitter of the whole image before its crop is applied to the crop instead, the
+  contrast blending toward the whole image's mean grey (exact without clipping: the other ops are per pixel).
+- A file that cannot be decoded ends the run with one line naming it (nothing is skipped silently).
 """
 import atexit
 import copy
@@ -662,8 +674,9 @@ class BatchCrop:
         if self.source_jitter and not files:
             x = color_jitter(x, u, *self.source_jitter)
         src, (x, box) = x, random_crop(x, draws, self.size, self.scale, self.mode)
-        if self.source_jitter and files:  # the crop jittered instead, its contrast toward the whole image's grey
-            x = color_jitter(x, u, *self.source_jitter, mean_scale=src.mean_gray() / gray(x).mean((1, 2, 3)).clamp(min=1e-6))
+        if self.source_jitter and files:  # the crop jittered instead, contrast toward the whole image's grey
+            scale = src.mean_gray() / gray(x).mean((1, 2, 3)).clamp(min=1e-6)           # (B,)
+            x = color_jitter(x, u, *self.source_jitter, mean_scale=scale)
         x = normalize_batch(color_gray(x, draws) if self.color else x, self.data)
         return (x, box) if self.with_box else x
 
@@ -734,7 +747,8 @@ class BatchEval:
         s = self.size
         r = s if s == DATASETS[self.data][0] <= 64 else int(round(s * 256 / 224))
         H, W = x.hw.double().unbind(1)                                              # (B,) header sizes
-        hw = torch.stack([torch.where(H <= W, r, (r * H / W).long()), torch.where(H <= W, (r * W / H).long(), r)], 1)
+        wide = H <= W
+        hw = torch.stack([torch.where(wide, r, (r * H / W).long()), torch.where(wide, (r * W / H).long(), r)], 1)
         tl = torch.round((hw - s) / 2).long()                                       # (B, 2) CenterCrop(s)
         return normalize_batch(x.resize_crop(hw, tl, s, self.squash), self.data)
 
@@ -770,7 +784,7 @@ class FileBytes(torch.utils.data.Dataset):
                 (W, H), jpeg = im.size, im.format == "JPEG" and im.mode in ("RGB", "L")
         except Exception:
             H = W = jpeg = 0
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
         return key, data, (H, W), y, jpeg
 
 
@@ -815,7 +829,8 @@ class FileImages:
             self.decode_one(b)
 
     def fail(self, b, e):
-        why = "not an image format PIL reads" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        why = f"{type(e).__name__}: {e}"
+        why = "not an image format PIL reads" if isinstance(e, UnidentifiedImageError) else why
         die(f"cannot decode the image file {self.paths[b]} ({why[:100]}); remove or replace it")
 
     def decode_one(self, b, req=None):
@@ -825,7 +840,7 @@ class FileImages:
             self.fail(b, e)
 
     def expect(self, h, w, out_h, out_w):
-        """A box h, w (B,) of source pixels will be resized to out_h x out_w: keep the decode at least that fine."""
+        """Boxes h, w (B,) of source pixels will be resized to out_h x out_w: decode at least that finely."""
         hw = self.hw.double()
         need = torch.stack([hw[:, 1] * out_w / w.double().cpu(), hw[:, 0] * out_h / h.double().cpu()], 1)
         self.need = torch.maximum(self.need, need.ceil())
@@ -872,7 +887,7 @@ class FileImages:
             return e
 
     def _stack(self, fn):
-        """fn(b) -> the b-th output, a PIL image (CPU) or a float (1, 3, s, s) in [0, 1] (CUDA) -> (B, 3, s, s)."""
+        """fn(b) -> output b, a PIL image (CPU) or floats (1, 3, s, s) in [0, 1] (tensors) -> (B, 3, s, s)."""
         if self.tensors:
             return torch.cat([fn(b) for b in range(len(self.data))])
         arrays = list(_THREADS[0].map(lambda b: np.asarray(fn(b)), range(len(self.data))))
@@ -1141,8 +1156,8 @@ def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=No
         loader = MemoryLoader(mem, batched, batch_size, shard, 0, torch.device(device), drop_last=False)
     elif batched is not None and image_files(ds) is not None:
         shard = FixedKeys(torch.arange(rank, len(ds), world))
-        loader = FileLoader(image_files(ds), batched, batch_size, shard, 0, torch.device(device), drop_last=False,
-                            num_workers=num_workers)
+        loader = FileLoader(image_files(ds), batched, batch_size, shard, 0, torch.device(device),
+                            drop_last=False, num_workers=num_workers)
     else:
         loader = torch.utils.data.DataLoader(
             SeededView(ds, transform), batch_size=batch_size,

@@ -31,7 +31,10 @@ Deviations from the official code:
   --data imagenet, as official), resized to 224 px, tokens average-pooled to the student grid (Sec. 2.3);
 - in-memory sets (all but ImageNet and large folders): colour jitter (before the crop, as official) and
   bicubic crops in batches on the device (common.py): grid sampling (cubic a = -0.75, PIL's -0.5), a box
-  larger than the output bilinear with area averaging (no batched antialiased bicubic).
+  larger than the output bilinear with area averaging (no batched antialiased bicubic); ImageNet and large
+  folders: decoded once per step in the main process (a reduced JPEG scale on the CPU where the crop allows
+  it, nvJPEG on CUDA), cropped per image (PIL bicubic / antialiased on CUDA), then jittered: the jitter acts on
+  the crop, its contrast toward the whole image's mean grey (equal to jitter-then-crop up to clipping).
 Where the paper's text differs the code is followed: even/odd split with token 0 protected (not random),
 tokens to remove sampled (not groups left), 0/1 groups divided by size (= the paper's row-normalised
 matrices), loss over the N broadcast positions (a group of m counts m times).

@@ -20,6 +20,8 @@ Deviations from the official code:
   - bf16 autocast instead of fp16 + GradScaler; crops resize bilinear as official; in-memory sets (all but
     ImageNet and large folders) are cropped and coloured in batches on the device (common.py: roi_align,
     area-averaged when a box shrinks, like PIL's antialiasing; colour ops in float, no uint8 rounding);
+    ImageNet and large folders are decoded once per step in the main process (a reduced JPEG scale on the
+    CPU where the crop allows it, nvJPEG on CUDA), cropped per image (PIL on the CPU, antialiased on CUDA);
   - the EMA update runs at the top of the training step, not inside forward: same order, same values;
     with --accum_iter (not in the official code) once per optimizer step: exactly a bigger batch;
   - the sin-cos table is a non-persistent buffer, not a frozen parameter; the patch embedding is

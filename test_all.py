@@ -341,7 +341,7 @@ def test_memory_images_rules_and_batched_eval(tmp_path):
 
 
 def _jpeg_folder(root, n=12, seed=0, val=False):
-    """n smooth images of 40-90 px a side in two classes: RGB JPEGs plus one grey JPEG, one CMYK JPEG, one PNG."""
+    """n smooth images of 40-90 px a side in two classes: RGB JPEGs, one grey JPEG, one CMYK JPEG, one PNG."""
     g = np.random.default_rng(seed)
     for split in ["train"] + (["val"] if val else []):
         for i in range(n):
@@ -375,11 +375,11 @@ def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
         x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg, tensors=tensors)
         top, left, h, w = common.crop_params(common.Draws(1, keys)(22), x.H, x.W, (0.2, 1.0))
         out = x.crop(top, left, h, w, 24, "bicubic")                                   # (12, 3, 24, 24)
-        ref = np.stack([np.asarray(im.crop((j, i, j + ww, i + hh)).resize((24, 24), Image.BICUBIC)) for im, i, j, hh, ww
-                        in zip(src, top.tolist(), left.tolist(), h.tolist(), w.tolist())])
+        ref = np.stack([np.asarray(im.crop((j, i, j + ww, i + hh)).resize((24, 24), Image.BICUBIC))
+                        for im, i, j, hh, ww in zip(src, top.tolist(), left.tolist(), h.tolist(), w.tolist())])
         err = (out * 255 - torch.tensor(ref).permute(0, 3, 1, 2)).abs()
         assert err.max() <= worst + 1e-3 and err.mean() <= mean, (draft, tensors, err.max(), err.mean())
-        assert draft == any(s != (1.0, 1.0) for s in getattr(x, "scale", []))          # draft decodes did happen
+        assert draft == any(s != (1.0, 1.0) for s in getattr(x, "scale", []))        # draft decodes happened
     monkeypatch.setattr(common, "JPEG_DRAFT", False)
     x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg)
     view, box = common.BatchCrop("folder", 24, with_box=True)(x, common.Draws(1, keys))  # + flip and normalise
@@ -395,7 +395,8 @@ def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
         tf = T.Compose([T.Resize((size, size)), T.ToTensor(), common.normalize("folder")]) if squash else \
             common.eval_transform("folder", size)
         slow = common.extract(enc, ds, tf, 5, num_workers=0)
-        fast = common.extract(enc, ds, None, 5, num_workers=0, batched=common.BatchEval("folder", size, squash=squash))
+        view = common.BatchEval("folder", size, squash=squash)
+        fast = common.extract(enc, ds, None, 5, num_workers=0, batched=view)
         assert torch.allclose(slow[0], fast[0], atol=1e-5) and torch.equal(slow[1], fast[1])
     broken = bytearray(data[5].numpy())[:len(data[5]) // 2]                           # header intact, data cut
     x = common.FileImages([torch.tensor(broken)] + data[1:], hw, paths, torch.device("cpu"))
