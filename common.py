@@ -16,7 +16,6 @@ then augmented by the same batched ops as the in-memory sets. Where that differs
 - A file that cannot be decoded ends the run with one line naming it (nothing is skipped silently).
 """
 import atexit
-import copy
 import ctypes
 import dataclasses
 import gzip
@@ -515,8 +514,16 @@ class Draws:
         self.used = 0
 
     def __call__(self, k):
-        d = torch.arange(self.used, self.used + k, device=self.base.device)
+        return self.at(self.skip(k), k)
+
+    def skip(self, k):
+        """Hands out the next k numbers without computing them; returns where they start."""
         self.used += k
+        return self.used - k
+
+    def at(self, start, k):
+        """Numbers start .. start + k - 1 of every image: (B, k)."""
+        d = torch.arange(start, start + k, device=self.base.device)
         x = _mix32(self.base[:, None] ^ _mix32(d + 0x9E3779B9 & _M32))      # (B, k)
         return (x >> 8).float() / 2**24                                     # 24 bits: exact in float32
 
@@ -576,11 +583,14 @@ def flip(x, u, p=0.5):
 def random_crop(x, draws, size, scale, mode):
     """RandomResizedCrop + horizontal flip (23 draws). Returns the views (B, 3, size, size) and the boxes
     (B, 5) in CropWithBox's format: (top, left, height, width) as fractions of the source, flip."""
-    files = isinstance(x, FileImages)                                        # image files of their own sizes
-    H, W = (x.H, x.W) if files else x.shape[-2:]
+    if isinstance(x, FileImages):  # files of their own sizes: boxes drawn on the host, where they are cut
+        top, left, h, w = crop_params((x.host_draws or draws).at(draws.skip(22), 22), x.H, x.W, scale)
+        out, f = flip(x.crop(top, left, h, w, size, mode), draws(1)[:, 0])
+        box = torch.stack([top / x.H, left / x.W, h / x.H, w / x.W], 1).float().to(f.device, non_blocking=True)
+        return out, torch.cat([box, f.float()[:, None]], 1)
+    H, W = x.shape[-2:]
     top, left, h, w = crop_params(draws(22), H, W, scale)
-    out = x.crop(top, left, h, w, size, mode) if files else resample(x, top, left, h, w, size, mode)
-    out, f = flip(out, draws(1)[:, 0])
+    out, f = flip(resample(x, top, left, h, w, size, mode), draws(1)[:, 0])
     box = torch.stack([top / H, left / W, h / H, w / W, f.float()], 1).float()
     return out, box
 
@@ -702,11 +712,10 @@ class BatchMultiCrop:
 
     def __call__(self, x, draws):
         if isinstance(x, FileImages):  # image files: announce every view's box first, so one decode serves all
-            ahead = copy.copy(draws)
-            for size, scale, *_ in self.kinds:
-                _, _, h, w = crop_params(ahead(22), x.H, x.W, scale)
+            start = draws.used                                                # a view takes 36 draws: crop 22,
+            for j, (size, scale, *_) in enumerate(self.kinds):                # flip 1, colour 10, blur 3
+                _, _, h, w = crop_params((x.host_draws or draws).at(start + 36 * j, 22), x.H, x.W, scale)
                 x.expect(h, w, size, size)
-                ahead(14)                                                     # flip 1, colour 10, blur 3
         views = []
         for size, scale, p_blur, p_solar in self.kinds:
             v, _ = random_crop(x, draws, size, scale, self.mode)
@@ -816,13 +825,14 @@ def _pil_decode(data, req=None):
 class FileImages:
     """One batch of image files: the compressed bytes, header sizes hw (B, 2), and the decoded images (made
     once, on the first crop). The views call random_crop / BatchEval on it as on an image tensor; `expect`
-    announces later boxes so that one decode serves them all (multi-crop)."""
+    announces later boxes so that one decode serves them all (multi-crop). host_draws: the batch's Draws on the
+    host, for the boxes (so that a CUDA step never waits for the device to cut them)."""
 
-    def __init__(self, data, hw, paths, device, jpeg=None, tensors=None):
-        self.data, self.hw, self.paths, self.device = data, hw, paths, device
+    def __init__(self, data, hw, paths, device, jpeg=None, tensors=None, host_draws=None):
+        self.data, self.hw, self.paths, self.device, self.host_draws = data, hw, paths, device, host_draws
         self.jpeg = jpeg or [False] * len(data)                             # RGB / grey JPEGs: for nvJPEG
         self.tensors = device.type == "cuda" if tensors is None else tensors  # decode and crop as tensors
-        self.H, self.W = hw[:, 0].to(device), hw[:, 1].to(device)           # (B,)
+        self.H, self.W = hw[:, 0], hw[:, 1]                                 # (B,) on the host
         self.need = torch.zeros(len(data), 2, dtype=torch.float64)          # (B, 2) decode size needed, (w, h)
         self.images = None
         for b in (hw.min(1).values == 0).nonzero()[:, 0].tolist():          # header unreadable: say why
@@ -842,7 +852,7 @@ class FileImages:
     def expect(self, h, w, out_h, out_w):
         """Boxes h, w (B,) of source pixels will be resized to out_h x out_w: decode at least that finely."""
         hw = self.hw.double()
-        need = torch.stack([hw[:, 1] * out_w / w.double().cpu(), hw[:, 0] * out_h / h.double().cpu()], 1)
+        need = torch.stack([hw[:, 1] * out_w / w.double(), hw[:, 0] * out_h / h.double()], 1)      # (B, 2)
         self.need = torch.maximum(self.need, need.ceil())
 
     def decode(self):
@@ -961,7 +971,8 @@ class FileLoader:
     def __iter__(self):
         for keys, data, hw, labels, jpeg in self.loader:
             idx = keys % len(self.samples)
-            x = FileImages(data, hw, [self.samples[i][0] for i in idx.tolist()], self.device, jpeg)
+            x = FileImages(data, hw, [self.samples[i][0] for i in idx.tolist()], self.device, jpeg,
+                           host_draws=Draws(self.seed, keys))
             x = self.batched(x, Draws(self.seed, keys.to(self.device)))
             y = labels.to(self.device, non_blocking=True)
             yield (x, y, idx) if self.with_index else (x, y)

@@ -390,6 +390,17 @@ def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
         ref = T.functional.to_tensor(src[b].crop((j, i, j + ww, i + hh)).resize((24, 24), Image.BICUBIC))
         ref = ref.flip(-1) if box[b, 4] else ref
         assert torch.allclose(view[b] * std + mean, ref, atol=1e-5), b
+    dtm_view = common.BatchCrop("folder", 24, source_jitter=(0.4, 0.4, 0.4, 0.0))     # jitter, then crop
+    x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg)
+    one = [torch.tensor(np.array(im)).permute(2, 0, 1)[None] / 255 for im in src]     # in memory, one by one
+    ref = torch.cat([dtm_view(im, common.Draws(2, keys[b:b + 1])) for b, im in enumerate(one)])
+    err = (dtm_view(x, common.Draws(2, keys)) - ref).abs() * std * 255                 # the crop jittered instead
+    assert err.mean() < 0.6 and err.max() < 4, (err.mean(), err.max())                 # (crop's mean grey: 1.6, 8)
+    decodes = []
+    monkeypatch.setattr(common, "_pil_decode", lambda *a, f=common._pil_decode: decodes.append(1) or f(*a))
+    x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg)
+    views = common.BatchMultiCrop("folder", 24, 12, 4)(x, common.Draws(1, keys))
+    assert [v.shape[-1] for v in views] == [24] * 2 + [12] * 4 and len(decodes) == 12   # one decode per image
     enc = torch.nn.Flatten()
     for size, squash in [(24, False), (24, True)]:
         tf = T.Compose([T.Resize((size, size)), T.ToTensor(), common.normalize("folder")]) if squash else \
