@@ -19,6 +19,7 @@ import atexit
 import ctypes
 import dataclasses
 import gzip
+import io
 import math
 import multiprocessing
 import os
@@ -784,7 +785,6 @@ class FileBytes(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key):
-        import io
         path, y = self.samples[key % len(self.samples)]
         with open(path, "rb") as f:
             data = f.read()
@@ -813,7 +813,6 @@ def image_files(ds):
 def _pil_decode(data, req=None):
     """uint8 bytes -> RGB PIL image, at a reduced JPEG scale when req (w, h) allows it, and its scale (sx, sy)
     against the header size. Raises what PIL raises for a broken file."""
-    import io
     im = Image.open(io.BytesIO(data.numpy()))
     W, H = im.size
     if req is not None and JPEG_DRAFT and im.format == "JPEG":
