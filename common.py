@@ -333,7 +333,7 @@ class MemoryImages:
 
 
 def memory_images(ds):
-    """`ds` (from build_dataset) as MemoryImages, or None where it stays on the PIL loader path: ImageNet, and
+    """`ds` (from build_dataset) as MemoryImages, or None where it is read as image files: ImageNet, and
     `folder` sets whose first image is over MEMORY_MAX_SIDE px a side, whose images differ in size, or that
     would take over MEMORY_MAX_BYTES. Built once per process and dataset."""
     key = getattr(ds, "memory_key", None)
@@ -379,7 +379,8 @@ def _small_folder(ds):
 
 
 # ----------------------------------------------------------------------------
-# Augmentations
+# Augmentations: per-image PIL transforms, the reference the batched views are tested against (and the
+# path of a dataset that is neither in memory nor an ImageFolder: none of --data's)
 
 class Blur:
     """Gaussian blur with a random radius on a PIL image (PIL's filter: much faster than on tensors)."""
@@ -1059,9 +1060,10 @@ atexit.register(_kill_workers)  # registered after multiprocessing's handler, so
 
 def make_loader(ds, transform, batch_size, train=True, seed=0, rank=0, world=1, num_workers=None,
                 with_index=False, pin=True, batched=None, device="cpu"):
-    """Pre-training (train=True: shuffle, drop_last) or extraction loader. A dataset that memory_images
-    holds, with a `batched` view (BatchCrop, ...): a MemoryLoader on `device`; else a DataLoader over
-    SeededView(ds, transform) with worker processes."""
+    """Pre-training (train=True: shuffle, drop_last) or extraction loader. With a `batched` view (BatchCrop,
+    ...): a MemoryLoader on `device` for a dataset that memory_images holds, a FileLoader for an ImageFolder
+    (ImageNet, large folders). Else (no batched view, or a dataset that is neither: none of --data's) the
+    per-image PIL `transform` in a DataLoader over SeededView(ds, transform) with worker processes."""
     sampler = EpochSampler(len(ds), shuffle=train, seed=seed, rank=rank, world=world, drop_last=train)
     mem = memory_images(ds) if batched is not None else None
     if mem is not None:
@@ -1155,8 +1157,9 @@ def world_info():
 def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=None, desc="features",
             batched=None):
     """Features (n, D) float32 and labels (n,) of the whole dataset, each rank a strided shard,
-    gathered on every rank. A progress bar on rank 0 when stderr is a terminal. An in-memory set with a
-    `batched` view (BatchEval) is read in batches on the device, else through `transform` in workers."""
+    gathered on every rank. A progress bar on rank 0 when stderr is a terminal. With a `batched` view
+    (BatchEval) an in-memory set is read in batches on the device, an ImageFolder by a FileLoader; else
+    through `transform` in workers."""
     from tqdm import tqdm
     rank, world = world_info()
     per = math.ceil(len(ds) / world)
