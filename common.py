@@ -963,7 +963,8 @@ class FileLoader:
         self.loader = torch.utils.data.DataLoader(
             FileBytes(samples), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
             collate_fn=_collate_files, drop_last=drop_last, persistent_workers=num_workers > 0,
-            worker_init_fn=_worker_init)
+            worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed))  # own RNG: the global
+        # one (masks, drop path) must not see the workers' base seed drawn at every epoch's start (resume)
 
     def __len__(self):
         return len(self.loader)

@@ -429,6 +429,24 @@ def test_file_loader_is_independent_of_workers_batch_and_resume(tmp_path):
     seen = [(k, v, c) for x, y, i in two for k, v, c in zip(i.tolist(), x, y.tolist())]
     assert len(seen) == 9 and all(torch.equal(v, ref[k][0]) and c == ref[k][1] for k, v, c in seen)
     assert len(ref) == 12 and not torch.equal(ref[0][0], next(iter(one))[0][0])        # epoch 1 != epoch 0
+    rng = torch.get_rng_state()
+    list(one)                                                                          # the global RNG (masks)
+    assert torch.equal(rng, torch.get_rng_state())                                     # is not the loader's
+
+
+def test_amt_on_an_image_folder_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """AMT on JPEG files (crop boxes for the maps, the refresh extracting through the file path): 5 steps ==
+    2 (mid-epoch) + resume + 3, bitwise on CPU, store included."""
+    monkeypatch.setitem(common.DATASETS, "folder", common.DATASETS["folder"])
+    d = _jpeg_folder(tmp_path / "imgs")
+    args = method_args("amt") + ["--data", "folder", "--data_dir", str(d), "--img_size", "32", "--batch_size", "4",
+                                 "--epochs", "3", "--amt_start", "0", "--refresh_every", "1", "--max_steps"]
+    run_inprocess("amt", args + ["5"], tmp_path / "a", capsys)
+    run_inprocess("amt", args + ["2"], tmp_path / "b", capsys)
+    assert "resumed" in run_inprocess("amt", args + ["5"], tmp_path / "b", capsys)
+    A, B = load_ckpt(tmp_path / "a"), load_ckpt(tmp_path / "b")
+    assert A["step"] == B["step"] == 5 and A["store_epoch"] == B["store_epoch"] == 0
+    assert all(torch.equal(A["model"][k], B["model"][k]) for k in A["model"]) and torch.equal(A["store"], B["store"])
 
 
 def test_flop_count_leaves_the_model_and_rng_alone_and_mfu():
