@@ -759,7 +759,8 @@ class BatchEval:
         r = s if s == DATASETS[self.data][0] <= 64 else int(round(s * 256 / 224))
         H, W = x.hw.double().unbind(1)                                              # (B,) header sizes
         wide = H <= W
-        hw = torch.stack([torch.where(wide, r, (r * H / W).long()), torch.where(wide, (r * W / H).long(), r)], 1)
+        hw = torch.stack([torch.where(wide, r, (r * H / W).long()),
+                          torch.where(wide, (r * W / H).long(), r)], 1)                     # (B, 2) shorter side r
         tl = torch.round((hw - s) / 2).long()                                       # (B, 2) CenterCrop(s)
         return normalize_batch(x.resize_crop(hw, tl, s, self.squash), self.data)
 
@@ -794,7 +795,7 @@ class FileBytes(torch.utils.data.Dataset):
                 (W, H), jpeg = im.size, im.format == "JPEG" and im.mode in ("RGB", "L")
         except Exception:
             H = W = jpeg = 0
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0).byte()
         return key, data, (H, W), y, jpeg
 
 
@@ -857,7 +858,7 @@ class FileImages:
 
     def decode(self):
         """CUDA: JPEGs in one nvJPEG batch (torchvision.io.decode_jpeg), anything else with PIL, as (3, H, W)
-        uint8 tensors on the device. CPU: RGB PIL images, decoded in threads, each at the scale `need` allows."""
+        uint8 tensors on the device. CPU: RGB PIL images decoded in threads, each at the scale `need` allows."""
         if self.images is not None:
             return
         B = len(self.data)
@@ -905,8 +906,8 @@ class FileImages:
         return x.float().div_(255)
 
     def crop(self, top, left, h, w, size, mode):
-        """Boxes (B,) of source pixels resized to (B, 3, size, size) floats in [0, 1] on the device: PIL's filter
-        on the CPU (crop, then resize: RandomResizedCrop), antialiased interpolation on CUDA."""
+        """Boxes (B,) of source pixels resized to (B, 3, size, size) floats in [0, 1] on the device: PIL's
+        filter on the CPU (crop, then resize: RandomResizedCrop), antialiased interpolation on CUDA."""
         self.expect(h, w, size, size)
         self.decode()
         t, l, hh, ww = (v.tolist() for v in (top, left, h, w))

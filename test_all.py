@@ -394,8 +394,8 @@ def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
     x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg)
     one = [torch.tensor(np.array(im)).permute(2, 0, 1)[None] / 255 for im in src]     # in memory, one by one
     ref = torch.cat([dtm_view(im, common.Draws(2, keys[b:b + 1])) for b, im in enumerate(one)])
-    err = (dtm_view(x, common.Draws(2, keys)) - ref).abs() * std * 255                 # the crop jittered instead
-    assert err.mean() < 0.6 and err.max() < 4, (err.mean(), err.max())                 # (crop's mean grey: 1.6, 8)
+    err = (dtm_view(x, common.Draws(2, keys)) - ref).abs() * std * 255             # the crop jittered instead
+    assert err.mean() < 0.6 and err.max() < 4, (err.mean(), err.max())             # (crop's mean grey: 1.6, 8)
     decodes = []
     monkeypatch.setattr(common, "_pil_decode", lambda *a, f=common._pil_decode: decodes.append(1) or f(*a))
     x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg)
@@ -439,14 +439,15 @@ def test_amt_on_an_image_folder_resumes_exactly(tmp_path, capsys, monkeypatch):
     2 (mid-epoch) + resume + 3, bitwise on CPU, store included."""
     monkeypatch.setitem(common.DATASETS, "folder", common.DATASETS["folder"])
     d = _jpeg_folder(tmp_path / "imgs")
-    args = method_args("amt") + ["--data", "folder", "--data_dir", str(d), "--img_size", "32", "--batch_size", "4",
-                                 "--epochs", "3", "--amt_start", "0", "--refresh_every", "1", "--max_steps"]
+    args = method_args("amt") + ["--data", "folder", "--data_dir", str(d), "--img_size", "32", "--batch_size",
+                                 "4", "--epochs", "3", "--amt_start", "0", "--refresh_every", "1", "--max_steps"]
     run_inprocess("amt", args + ["5"], tmp_path / "a", capsys)
     run_inprocess("amt", args + ["2"], tmp_path / "b", capsys)
     assert "resumed" in run_inprocess("amt", args + ["5"], tmp_path / "b", capsys)
     A, B = load_ckpt(tmp_path / "a"), load_ckpt(tmp_path / "b")
     assert A["step"] == B["step"] == 5 and A["store_epoch"] == B["store_epoch"] == 0
-    assert all(torch.equal(A["model"][k], B["model"][k]) for k in A["model"]) and torch.equal(A["store"], B["store"])
+    assert all(torch.equal(A["model"][k], B["model"][k]) for k in A["model"])
+    assert torch.equal(A["store"], B["store"])
 
 
 def test_flop_count_leaves_the_model_and_rng_alone_and_mfu():
