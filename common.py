@@ -912,9 +912,10 @@ class FileImages:
             return e
 
     def _stack(self, fn):
-        """fn(b) -> output b, a PIL image (CPU) or floats (1, 3, s, s) in [0, 1] (tensors) -> (B, 3, s, s)."""
+        """fn(b) -> output b, a PIL image (CPU) or floats (1, 3, s, s) in [0, 255] (tensors) -> (B, 3, s, s)
+        floats in [0, 1]."""
         if self.tensors:
-            return torch.cat([fn(b) for b in range(len(self.data))])
+            return torch.cat([fn(b) for b in range(len(self.data))]).div_(255).clamp_(0, 1)
         arrays = list(_THREADS[0].map(lambda b: np.asarray(fn(b)), range(len(self.data))))
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)           # (B, 3, s, s) uint8
         return x.float().div_(255)
@@ -928,7 +929,7 @@ class FileImages:
         if self.tensors:
             return self._stack(lambda b: F.interpolate(
                 self.images[b][None, :, t[b]:t[b] + hh[b], l[b]:l[b] + ww[b]].float(), (size, size), mode=mode,
-                antialias=True, align_corners=False).div_(255).clamp_(0, 1))
+                antialias=True, align_corners=False))
         resample = Image.BICUBIC if mode == "bicubic" else Image.BILINEAR
 
         def one(b):
@@ -951,7 +952,7 @@ class FileImages:
         if self.tensors:
             return self._stack(lambda b: F.interpolate(self.images[b][None].float(), (rh[b], rw[b]), mode=mode,
                                                        antialias=True, align_corners=False)
-                               [..., t[b]:t[b] + size, l[b]:l[b] + size].div_(255).clamp_(0, 1))
+                               [..., t[b]:t[b] + size, l[b]:l[b] + size])
         resample = Image.BILINEAR if squash else Image.BICUBIC
         return self._stack(lambda b: self.images[b].resize((rw[b], rh[b]), resample)
                            .crop((l[b], t[b], l[b] + size, t[b] + size)))

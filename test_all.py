@@ -417,6 +417,9 @@ def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
         view = common.BatchEval("folder", size, squash=squash)
         fast = common.extract(enc, ds, None, 5, num_workers=0, batched=view)
         assert torch.allclose(slow[0], fast[0], atol=1e-5) and torch.equal(slow[1], fast[1])
+        x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg, tensors=True)  # the CUDA branch
+        err = (view(x).flatten(1) - slow[0]).abs() * std.repeat_interleave(size * size).view(1, -1) * 255
+        assert err.max() < 2 and err.mean() < 0.5, (squash, err.max(), err.mean())
     broken = bytearray(data[5].numpy())[:len(data[5]) // 2]                           # header intact, data cut
     x = common.FileImages([torch.tensor(broken)] + data[1:], hw, paths, torch.device("cpu"))
     with pytest.raises(SystemExit, match=rf"^error: cannot decode the image file {re.escape(paths[0])} \(.*\); "
