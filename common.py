@@ -9,7 +9,8 @@ then augmented by the same batched ops as the in-memory sets. Where that differs
   resolution there; the DCT-scaled decode differs from a full decode + resize by about 1/255 on average
   (a few levels at sharp edges). `JPEG_DRAFT = False` turns it off (then the crops are PIL's, bitwise).
 - CUDA: nvJPEG decodes (not libjpeg: the pixels may differ by a level), and crops resize with antialiased
-  F.interpolate (within about 1/255 of PIL's filter, not bitwise); the boxes reach the host once per view.
+  F.interpolate (within about 1/255 of PIL's filter, not bitwise), one small op per crop; the boxes are drawn
+  on the host from the same counter-based numbers, so no step waits on a device-to-host copy for them.
 - Flip, colour jitter, grey, blur, solarize run on the cropped batch as floats (torchvision's laws, not
   PIL's uint8 rounding). DTM's jitter of the whole image before its crop is applied to the crop instead, the
   contrast blending toward the whole image's mean grey (exact without clipping: the other ops are per pixel).
@@ -422,11 +423,17 @@ def mim_transform(data, img_size, scale=(0.2, 1.0), color=False, interpolation="
     return T.Compose(aug + [T.ToTensor(), normalize(data)])
 
 
+def eval_resize(data, img_size):
+    """eval_transform's shorter side before the centre crop: img_size for small images (no crop margin),
+    else the 256/224 ratio."""
+    native = DATASETS[data][0]
+    whole = (img_size == native and native <= 64) or (data == "folder" and native <= 96)
+    return img_size if whole else int(round(img_size * 256 / 224))
+
+
 def eval_transform(data, img_size):
     """Resize + centre crop (ratio 224/256 at ImageNet-like sizes, identity at native size)."""
-    native = DATASETS[data][0]
-    whole = (img_size == native and native <= 64) or (data == "folder" and native <= 96)  # small: no crop margin
-    resize = img_size if whole else int(round(img_size * 256 / 224))
+    resize = eval_resize(data, img_size)
     return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
                       T.ToTensor(), normalize(data)])
 
@@ -760,7 +767,7 @@ class BatchEval:
             if (H, W) != (s, s):
                 x = F.interpolate(x, (s, s), mode="bilinear", antialias=True, align_corners=False)
             return normalize_batch(x, self.data)
-        r = s if s == DATASETS[self.data][0] <= 64 else int(round(s * 256 / 224))  # eval_transform's Resize
+        r = eval_resize(self.data, s)                                              # eval_transform's Resize
         hw = (r, int(r * W / H)) if H <= W else (int(r * H / W), r)               # shorter side -> r
         if hw != (H, W):
             x = F.interpolate(x, hw, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
@@ -770,7 +777,7 @@ class BatchEval:
     def files(self, x):
         """The same for image files of their own sizes, each resized and cropped on its own (FileImages)."""
         s = self.size
-        r = s if s == DATASETS[self.data][0] <= 64 else int(round(s * 256 / 224))
+        r = eval_resize(self.data, s)
         H, W = x.hw.double().unbind(1)                                              # (B,) header sizes
         wide = H <= W
         hw = torch.stack([torch.where(wide, r, (r * H / W).long()),

@@ -409,8 +409,9 @@ def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
     x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg)
     views = common.BatchMultiCrop("folder", 24, 12, 4)(x, common.Draws(1, keys))
     assert [v.shape[-1] for v in views] == [24] * 2 + [12] * 4 and len(decodes) == 12   # one decode per image
-    enc = torch.nn.Flatten()
-    for size, squash in [(24, False), (24, True)]:
+    enc, stats = torch.nn.Flatten(), common.DATASETS["folder"][2]
+    for size, squash, native in [(24, False, 224), (24, True, 224), (24, False, 60)]:   # 60: no crop margin
+        monkeypatch.setitem(common.DATASETS, "folder", (native, 0, stats))
         tf = T.Compose([T.Resize((size, size)), T.ToTensor(), common.normalize("folder")]) if squash else \
             common.eval_transform("folder", size)
         slow = common.extract(enc, ds, tf, 5, num_workers=0)
