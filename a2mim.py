@@ -822,7 +822,7 @@ def train(cfg: Config):
               f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
 
-    fwd = torch.compile(model) if cfg.compile else model  # compile before DDP; we save `model`
+    fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # compile before DDP; we save `model`
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -832,6 +832,36 @@ def train(cfg: Config):
         if master:
             save_checkpoint(path, state)
 
+    def train_step(batch, micro, step):
+        """One micro-batch of the loop (images, labels): forward and backward; after the last of accum_iter,
+        the clipping and optimizer steps. The loop and --benchmark both run it."""
+        images = batch[0].to(device, non_blocking=True)
+        warm = int(cfg.warmup_epochs * steps_per_epoch)  # then cosine to 1e-5, or constant with a x0.1 step
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, total, lr * g.get("lr_scale", 1.0), warm, steps_per_epoch)
+        if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+            fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
+        with ctx:
+            loss, stats = fwd(images)
+        (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+        if micro == cfg.accum_iter - 1:
+            if not model.resnet:  # the ViT recipes clip gradients at 5, the ResNet ones do not (Sec. 5)
+                nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss, stats, images
+
+    if cfg.benchmark:  # the step alone, on accum_iter micro-batches of device-made images
+        it = iter(loader)
+        batches = [next(it) for _ in range(cfg.accum_iter)]
+        flops_fn = lambda out: count_flops((model,), lambda m: m(out[2])[0], ctx)
+        res = common.benchmark(METHOD, batches, train_step, flops_fn, cfg.benchmark, eff_batch, device,
+                               device_peak(device, cfg.peak_tflops), log,
+                               note=f"{cfg.model}, {cfg.mask_ratio:.0%} of {cfg.mask_patch} px cells hidden")
+        if world > 1:
+            dist.destroy_process_group()
+        return res
+
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     control, stop_now = RunControl(world, cfg.save_every_min), False  # SIGTERM / timed save, every step
@@ -840,27 +870,14 @@ def train(cfg: Config):
     while step < stop:
         loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
-        for images, _ in loader:
+        for batch in loader:
             data_wait += time.time() - t_data
-            images = images.to(device, non_blocking=True)
-            warm = int(cfg.warmup_epochs * steps_per_epoch)  # then cosine to 1e-5, or constant with a x0.1 step
-            lr_now = lr_at(cfg, step, total, lr, warm, steps_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step, total, lr * g.get("lr_scale", 1.0), warm, steps_per_epoch)
-            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
-                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
-            with ctx:
-                loss, stats = fwd(images)
-            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            loss, stats, images = train_step(batch, micro, step)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             micro = (micro + 1) % cfg.accum_iter
             if micro:  # not yet the last micro-batch of this optimizer step
                 t_data = time.time()
                 continue
-            if not model.resnet:  # the ViT recipes clip gradients at 5, the ResNet ones do not (Sec. 5)
-                nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
@@ -874,6 +891,7 @@ def train(cfg: Config):
                     nonfinite_error(int(flags[0]) + 1, path)
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
+                    lr_now = opt.param_groups[0]["lr"]  # the base lr (the mask token's group may be x0.1)
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
                            "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}

@@ -837,7 +837,7 @@ def train(cfg: Config):
 
     if cfg.compile:  # the networks, not the step (it draws Python-side ratios and all-reduces the centers)
         for m in (model.student, model.teacher, model.head, model.teacher_head):
-            m.compile()
+            m.compile(**common.COMPILE)
     fwd = model
     if world > 1:  # the teacher has no trainable parameters: DDP copies rank 0's once and never reduces it
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
@@ -849,6 +849,40 @@ def train(cfg: Config):
         if master:
             save_checkpoint(path, state)
 
+    def train_step(batch, micro, step, epoch):
+        """One micro-batch of the loop (crops, labels): forward and backward; after the last of accum_iter, the
+        clipping, optimizer and EMA teacher steps. The loop and --benchmark both run it."""
+        crops = [c.to(device, non_blocking=True) for c in batch[0]]
+        for g in opt.param_groups:
+            g["lr"] = cosine_schedule(step, total, lr, 1e-6, warmup=int(cfg.warmup_epochs * steps_per_epoch))
+        opt.param_groups[0]["weight_decay"] = cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
+        if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+            fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
+        with ctx:
+            loss, stats = fwd(crops, step, epoch)
+        (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+        if micro == cfg.accum_iter - 1:
+            if cfg.clip_grad:
+                clip_per_tensor(params, cfg.clip_grad)
+            if epoch < cfg.freeze_last_layer:  # the prototypes stay put while the rest settles (DINO)
+                model.head.v.grad = model.head.g.grad = None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema_update(teacher_params, student_params, cosine_schedule(step, total, cfg.momentum_teacher, 1.0))
+        return loss, stats, crops
+
+    if cfg.benchmark:  # the step alone, on accum_iter micro-batches of device-made images
+        it = iter(loader)
+        batches = [next(it) for _ in range(cfg.accum_iter)]
+        res = common.benchmark(
+            METHOD, batches, lambda b, micro, i: train_step(b, micro, i, i // steps_per_epoch),
+            lambda out: count_flops((model,), lambda m: m(out[2], 0, 0)[0], ctx), cfg.benchmark, eff_batch,
+            device, device_peak(device, cfg.peak_tflops), log,
+            note=f"{2 + cfg.local_crops} crops: 2 x {cfg.img_size} px + {cfg.local_crops} x {cfg.local_size} px")
+        if world > 1:
+            dist.destroy_process_group()
+        return res
+
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     control, stop_now = RunControl(world, cfg.save_every_min), False  # SIGTERM / timed save, every step
@@ -857,30 +891,14 @@ def train(cfg: Config):
     while step < stop:
         loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
-        for crops, _ in loader:
+        for batch in loader:
             data_wait += time.time() - t_data
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            lr_now = cosine_schedule(step, total, lr, 1e-6, warmup=int(cfg.warmup_epochs * steps_per_epoch))
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            opt.param_groups[0]["weight_decay"] = cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
-            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
-                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
-            with ctx:
-                loss, stats = fwd(crops, step, epoch)
-            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            loss, stats, crops = train_step(batch, micro, step, epoch)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             micro = (micro + 1) % cfg.accum_iter
             if micro:  # not yet the last micro-batch of this optimizer step
                 t_data = time.time()
                 continue
-            if cfg.clip_grad:
-                clip_per_tensor(params, cfg.clip_grad)
-            if epoch < cfg.freeze_last_layer:  # the prototypes stay put while the rest settles (DINO)
-                model.head.v.grad = model.head.g.grad = None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema_update(teacher_params, student_params, cosine_schedule(step, total, cfg.momentum_teacher, 1.0))
             step += 1
             log_steps += 1
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
@@ -894,6 +912,7 @@ def train(cfg: Config):
                     nonfinite_error(int(flags[0]) + 1, path)
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
+                    lr_now = opt.param_groups[0]["lr"]
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
                            "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}

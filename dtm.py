@@ -931,7 +931,8 @@ def train(cfg: Config):
         log.print("note: the paper's ImageNet recipe distils a CLIP ViT-B/16 teacher (--teacher clip --teacher_ckpt"
                   f" ViT-B-16.pt); this run uses the {dict(ema='EMA', random='frozen random')[cfg.teacher]} teacher")
 
-    fwd = torch.compile(model) if cfg.compile else model  # compile before DDP; we save `model`
+    fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # compile before DDP; we save `model`
+    targets = torch.compile(model.targets, **common.COMPILE) if cfg.compile else model.targets  # the teacher too
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -943,6 +944,36 @@ def train(cfg: Config):
         if master:
             save_checkpoint(path, state)
 
+    def train_step(batch, micro, step):
+        """One micro-batch of the loop (images, labels): teacher targets, forward and backward; after the last
+        of accum_iter, the clipping, optimizer and EMA teacher steps. The loop and --benchmark both run it."""
+        images = batch[0].to(device, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = cosine_schedule(step, total, lr, 1e-5, warmup=int(cfg.warmup_epochs * steps_per_epoch))
+        if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+            fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
+        with ctx:
+            target = targets(images)  # the teacher runs outside DDP (no trainable params)
+            loss, stats = fwd(images, target)
+        (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+        if micro == cfg.accum_iter - 1:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)  # official clip 3.0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cfg.teacher == "ema":  # momentum 0.996 -> 1 (cosine) after every student step
+                model.ema_update(cosine_schedule(step, total, cfg.ema_momentum, 1.0))
+        return loss, stats, images
+
+    if cfg.benchmark:  # the step alone, on accum_iter micro-batches of device-made images
+        it = iter(loader)
+        batches = [next(it) for _ in range(cfg.accum_iter)]
+        flops_fn = lambda out: count_flops((model,), lambda m: m(out[2], m.targets(out[2]))[0], ctx)
+        res = common.benchmark(METHOD, batches, train_step, flops_fn, cfg.benchmark, eff_batch, device,
+                               device_peak(device, cfg.peak_tflops), log, note=f"teacher {cfg.teacher}")
+        if world > 1:
+            dist.destroy_process_group()
+        return res
+
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     control, stop_now = RunControl(world, cfg.save_every_min), False  # SIGTERM / timed save, every step
@@ -951,28 +982,14 @@ def train(cfg: Config):
     while step < stop:
         loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
-        for images, _ in loader:
+        for batch in loader:
             data_wait += time.time() - t_data
-            images = images.to(device, non_blocking=True)
-            lr_now = cosine_schedule(step, total, lr, 1e-5, warmup=int(cfg.warmup_epochs * steps_per_epoch))
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
-                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
-            with ctx:
-                target = model.targets(images)  # the teacher runs outside DDP (no trainable params)
-                loss, stats = fwd(images, target)
-            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            loss, stats, images = train_step(batch, micro, step)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             micro = (micro + 1) % cfg.accum_iter
             if micro:  # not yet the last micro-batch of this optimizer step
                 t_data = time.time()
                 continue
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)  # official clip 3.0
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cfg.teacher == "ema":  # momentum 0.996 -> 1 (cosine) after every student step
-                model.ema_update(cosine_schedule(step, total, cfg.ema_momentum, 1.0))
             step += 1
             log_steps += 1
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
@@ -986,6 +1003,7 @@ def train(cfg: Config):
                     nonfinite_error(int(flags[0]) + 1, path)
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
+                    lr_now = opt.param_groups[0]["lr"]
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
                            "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}

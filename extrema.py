@@ -791,7 +791,7 @@ def train(cfg: Config):
               f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
 
-    fwd, tgt = (torch.compile(m) if cfg.compile else m for m in (model, target))  # compile before DDP; we save `model`
+    fwd, tgt = (torch.compile(m, **common.COMPILE) if cfg.compile else m for m in (model, target))  # before DDP
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -802,6 +802,45 @@ def train(cfg: Config):
         if master:
             save_checkpoint(path, state)
 
+    def train_step(batch, micro, step):
+        """One micro-batch of the loop (views, labels): the EMA update (before the first micro-batch), target
+        and online forward, backward; after the last of accum_iter, the optimizer step. The loop and
+        --benchmark both run it."""
+        views = [v.to(device, non_blocking=True) for v in (batch[0] if cfg.color_aug else [batch[0]])]
+        images, images_t = views if cfg.color_aug else views * 2      # online, target (no colour aug: one copy)
+        for g in opt.param_groups:
+            g["lr"] = cosine_schedule(step, total, lr, 0.0, warmup=int(cfg.warmup_epochs * steps_per_epoch))
+        m = ema_momentum(step, total, cfg.ema_momentum)
+        if micro == 0:  # once per optimizer step, from the last step's online weights (no-op at step 0)
+            ema_update(target, model.encoder, m)
+        if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+            fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
+        with ctx:
+            with torch.no_grad():
+                z = target.head(tgt(images_t))                      # (B, C) whole image, never masked
+            loss, stats = fwd(images, z)
+        stats["ema"] = torch.tensor(m)
+        (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+        if micro == cfg.accum_iter - 1:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss, stats, (images, images_t)
+
+    if cfg.benchmark:  # the step alone, on accum_iter micro-batches of device-made images
+        it = iter(loader)
+        batches = [next(it) for _ in range(cfg.accum_iter)]
+        def flops_fn(out):
+            images, images_t = out[2]
+            return count_flops((model, target), lambda m, t: m(images, t.head(t(images_t)).detach())[0], ctx)
+        N = (cfg.img_size // cfg.patch_size) ** 2
+        n_vis = check_masks(N, cfg.num_masks, cfg.mask_ratio)
+        res = common.benchmark(METHOD, batches, train_step, flops_fn, cfg.benchmark, eff_batch, device,
+                               device_peak(device, cfg.peak_tflops), log,
+                               note=f"{cfg.num_masks} masks x {n_vis} visible of {N} patches; target on all {N}")
+        if world > 1:
+            dist.destroy_process_group()
+        return res
+
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     control, stop_now = RunControl(world, cfg.save_every_min), False  # SIGTERM / timed save, every step
@@ -810,31 +849,14 @@ def train(cfg: Config):
     while step < stop:
         loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
-        for views, _ in loader:
+        for batch in loader:
             data_wait += time.time() - t_data
-            views = [v.to(device, non_blocking=True) for v in (views if cfg.color_aug else [views])]
-            images, images_t = views if cfg.color_aug else views * 2      # online, target (no colour aug: one copy)
-            lr_now = cosine_schedule(step, total, lr, 0.0, warmup=int(cfg.warmup_epochs * steps_per_epoch))
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            m = ema_momentum(step, total, cfg.ema_momentum)
-            if micro == 0:  # once per optimizer step, from the last step's online weights (no-op at step 0)
-                ema_update(target, model.encoder, m)
-            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
-                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
-            with ctx:
-                with torch.no_grad():
-                    z = target.head(tgt(images_t))                      # (B, C) whole image, never masked
-                loss, stats = fwd(images, z)
-            stats["ema"] = torch.tensor(m)
-            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            loss, stats, (images, images_t) = train_step(batch, micro, step)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             micro = (micro + 1) % cfg.accum_iter
             if micro:  # not yet the last micro-batch of this optimizer step
                 t_data = time.time()
                 continue
-            opt.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
@@ -848,6 +870,7 @@ def train(cfg: Config):
                     nonfinite_error(int(flags[0]) + 1, path)
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
+                    lr_now = opt.param_groups[0]["lr"]
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
                            "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
