@@ -1,7 +1,7 @@
 """The collection's tests, CPU only: `python -m pytest -q test_all.py` (under 5 minutes on 2 cores).
 
 Foundation (data, crops, probe, CLI/runtime contract, shared-code identity) first, then one section per
-method. Speed is not tested here: it is measured by running a method with --max_steps.
+method. Speed is not tested here: it is measured with --benchmark N (the step alone) or --max_steps.
 """
 import dataclasses
 import functools
