@@ -829,6 +829,7 @@ def train(cfg: Config):
     if cfg.benchmark:  # the step alone, on accum_iter micro-batches of device-made images
         it = iter(loader)
         batches = [next(it) for _ in range(cfg.accum_iter)]
+
         def flops_fn(out):
             images, images_t = out[2]
             return count_flops((model, target), lambda m, t: m(images, t.head(t(images_t)).detach())[0], ctx)
