@@ -60,6 +60,7 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of every class (0 = all)
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -762,8 +763,9 @@ def train(cfg: Config):
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # data: one RandomResizedCrop + flip view (scale from 0.67 for a ViT, 0.8 for a ResNet; Sec. 5)
-    dataset = (common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size) if not cfg.benchmark
-               else common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
+    dataset = (common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
+               if not cfg.benchmark else  # --benchmark: random images made on the device
+               common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
     scale = (0.67 if cfg.model in VIT_SIZES else 0.8, 1.0)                    # crops resize bilinear (official)
     transform = common.mim_transform(cfg.data, cfg.img_size, scale=scale, interpolation="bilinear")
     batched = common.BatchCrop(cfg.data, cfg.img_size, scale=scale, interpolation="bilinear")

@@ -70,6 +70,7 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of every class (0 = all)
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -110,7 +111,6 @@ class Config:
     momentum_teacher: float = 0.996  # teacher EMA momentum at step 0, cosine to 1 (20% subset: 0.99)
     weight_decay_end: float = 0.4  # weight decay follows a cosine from --weight_decay to this
     clip_grad: float = 3.0         # max grad norm of EACH parameter tensor (0 = off)
-    subset: float = 0              # imagenet/folder pre-training: first N (>= 1) or fraction (< 1) of every class (20% runs: 260)
 
 def preset(data: str, given: dict) -> dict:
     """Per-dataset recipe: ImageNet = the paper's (ViT-S/16, 240 images per step: 4 GPUs x 60 there, 8 x 30
@@ -140,16 +140,13 @@ def check_config(cfg: Config):
         "head_hidden": c.at_least(1),
         "freeze_last_layer": c.at_least(0), "drop_path": c.between(0, 1, open_hi=True), "teacher_temp": c.above(0),
         "warmup_teacher_temp_epochs": c.at_least(0), "center_momentum": c.between(0, 1),
-        "momentum_teacher": c.between(0, 1), "weight_decay_end": c.at_least(0), "clip_grad": c.at_least(0),
-        "subset": c.at_least(0)})
+        "momentum_teacher": c.between(0, 1), "weight_decay_end": c.at_least(0), "clip_grad": c.at_least(0)})
     for name, size in (("img_size", cfg.img_size), ("local_size", cfg.local_size if cfg.local_crops else 0)):
         if size % cfg.patch_size:
             die(f"--{name} {size} is not a multiple of --patch_size {cfg.patch_size}; pick sizes that divide")
     if cfg.pred_ratio - cfg.pred_ratio_var < 0 or cfg.pred_ratio + cfg.pred_ratio_var >= 1:
         die(f"--pred_ratio {cfg.pred_ratio} +- --pred_ratio_var {cfg.pred_ratio_var} leaves [0, 1); "
             "lower --pred_ratio_var")
-    if cfg.subset and cfg.data not in ("imagenet", "folder"):
-        die(f"--subset works on --data imagenet or folder, not {cfg.data}; drop --subset")
 
 # >>> shared: parse_config
 def parse_config(argv=None) -> Config:

@@ -78,7 +78,7 @@ SHARED_RULES = {"img_size": above(0), "patch_size": above(0), "epochs": at_least
                 "num_workers": at_least(0), "seed": at_least(0), "log_every": at_least(1),
                 "device": one_of("auto", "cuda", "cpu"), "vis_every": at_least(0), "save_every_min": at_least(0),
                 "accum_iter": at_least(1), "knn_every": at_least(0), "peak_tflops": at_least(0),
-                "benchmark": at_least(0)}
+                "benchmark": at_least(0), "subset": at_least(0)}
 
 
 def check_fields(cfg, rules):
@@ -93,6 +93,8 @@ def check_fields(cfg, rules):
                 f"--{name} {v} is out of range: expected {want}")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         die(f"--out_dir {cfg.out_dir} is a file; pass a folder")
+    if getattr(cfg, "subset", 0) and cfg.data in ("synthetic", "stl10"):
+        die(f"--subset needs a labelled pre-training split, which --data {cfg.data} does not have; drop --subset")
 
 
 # ----------------------------------------------------------------------------
@@ -216,13 +218,23 @@ def describe_folder(data_dir, n=64):
 
 
 def per_class_subset(ds, subset):
-    """Keep the first images of every class in ImageFolder order: a fraction (< 1) or a count (>= 1;
-    AttMask's "20%" ImageNet runs keep the first 260 of every class)."""
+    """Keep the first images of every class in the set's order: a fraction (< 1) or a count (>= 1;
+    AttMask's "20%" ImageNet runs keep the first 260 of every class; the CPU study a few hundred of
+    Fashion-MNIST's). Folders, Fashion-MNIST and CIFAR; the others have no labelled pre-training split."""
+    if not isinstance(ds, (datasets.ImageFolder, ArrayImages, datasets.CIFAR10)):
+        die("--subset needs a labelled pre-training split (fashion-mnist, cifar10/100, tiny-imagenet, "
+            "imagenet, folder); drop --subset")
     by_class = {}
     for i, y in enumerate(ds.targets):
         by_class.setdefault(y, []).append(i)
-    keep = sorted(i for ids in by_class.values() for i in ids[:int(subset) if subset >= 1 else max(1, int(len(ids) * subset))])
-    ds.samples = [ds.samples[i] for i in keep]
+    per = lambda ids: ids[:int(subset)] if subset >= 1 else ids[:max(1, int(len(ids) * subset))]
+    keep = sorted(i for ids in by_class.values() for i in per(ids))
+    if isinstance(ds, ArrayImages):
+        return ArrayImages(ds.images[keep], [ds.targets[i] for i in keep])
+    if isinstance(ds, datasets.CIFAR10):
+        ds.data = ds.data[keep]
+    else:
+        ds.samples = [ds.samples[i] for i in keep]
     ds.targets = [ds.targets[i] for i in keep]
     return ds
 
@@ -258,10 +270,14 @@ def _build_dataset(name, data_dir, train, subset, synthetic_size, img_size):
     if name not in DATASETS:
         die(f"unknown --data {name}; choose one of {', '.join(DATASETS)}")
     if train in ("val", "probe-rest"):
-        full = build_dataset(name, data_dir, "probe-train", subset, synthetic_size, img_size)
+        full = build_dataset(name, data_dir, "probe-train", 0, synthetic_size, img_size)
         rest, val = val_split(name, len(full))
         return torch.utils.data.Subset(full, val if train == "val" else rest)
-    pretrain = train is True
+    ds = _load(name, data_dir, train, synthetic_size, img_size)
+    return per_class_subset(ds, subset) if subset and train is True else ds  # pre-training only
+
+
+def _load(name, data_dir, train, synthetic_size, img_size):
     existed = os.path.isdir(data_dir)
     try:
         if name == "synthetic":
@@ -272,14 +288,11 @@ def _build_dataset(name, data_dir, train, subset, synthetic_size, img_size):
             cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
             return cls(data_dir, train=bool(train), download=True)
         if name == "stl10":
-            split = ("train+unlabeled" if pretrain else "train") if train else "test"
+            split = ("train+unlabeled" if train is True else "train") if train else "test"
             return datasets.STL10(data_dir, split=split, download=True)
         if name == "tiny-imagenet":
             return datasets.ImageFolder(os.path.join(data_dir, "train")) if train else tiny_imagenet_val(data_dir)
-        ds = datasets.ImageFolder(os.path.join(data_dir, "train" if train else "val"))
-        return per_class_subset(ds, subset) if subset and train else ds
-    except SystemExit:
-        raise
+        return datasets.ImageFolder(os.path.join(data_dir, "train" if train else "val"))
     except Exception as e:  # offline download, missing folder, empty folder
         if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
             os.rmdir(data_dir)  # a failed download leaves no empty folder behind
@@ -1025,7 +1038,8 @@ def online_knn(cfg, step, steps_per_epoch, stop, build_encoder, device, log):
     tf = eval_transform(cfg.data, cfg.img_size)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         encoder = build_encoder()                      # a copy: the live modules keep their train mode
-        kw = dict(batch_size=256, device=str(device), num_workers=cfg.num_workers, desc="knn")
+        kw = dict(batch_size=256, device=str(device), num_workers=cfg.num_workers, desc="knn",
+                  batched=BatchEval(cfg.data, cfg.img_size))  # in-memory sets: batches on the device, no workers
         bank_f, bank_y = extract(encoder, bank, tf, **kw)
         val_f, val_y = extract(encoder, queries, tf, **kw)
         del encoder

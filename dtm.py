@@ -75,6 +75,7 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of every class (0 = all)
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -874,8 +875,9 @@ def train(cfg: Config):
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # data: colour jitter 0.4, flip, RandomResizedCrop(scale 0.2-1, bicubic) as BEiT v2 / DTM
-    dataset = (common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size) if not cfg.benchmark
-               else common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
+    dataset = (common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
+               if not cfg.benchmark else  # --benchmark: random images made on the device
+               common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
     transform = common.mim_transform(cfg.data, cfg.img_size, scale=(0.2, 1.0))
     transform.transforms.insert(0, ColorJitter(0.4, 0.4, 0.4))
     batched = common.BatchCrop(cfg.data, cfg.img_size, scale=(0.2, 1.0), source_jitter=(0.4, 0.4, 0.4, 0.0))

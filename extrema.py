@@ -63,6 +63,7 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of every class (0 = all)
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -733,8 +734,9 @@ def train(cfg: Config):
 
     # data: one crop + flip for both branches; colour jitter drawn per branch, or one tensor for both
     check_masks((cfg.img_size // cfg.patch_size) ** 2, cfg.num_masks, cfg.mask_ratio)  # fail before any work
-    dataset = (common.build_dataset(cfg.data, cfg.data_dir, True, img_size=cfg.img_size) if not cfg.benchmark
-               else common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
+    dataset = (common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
+               if not cfg.benchmark else  # --benchmark: random images made on the device
+               common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
     crop = dict(scale=(0.2, 1.0), interpolation="bilinear")                # bilinear crops, as official
     transform = (common.SharedCropTwoColors(cfg.data, cfg.img_size, **crop) if cfg.color_aug
                  else common.mim_transform(cfg.data, cfg.img_size, **crop))

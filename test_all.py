@@ -134,6 +134,14 @@ def test_imagenet_folder_and_per_class_subset(tmp_path):
     assert [os.path.basename(p) for p, _ in first3.samples] == ["0.png", "1.png", "2.png"] * 2
     assert first3.targets == [0, 0, 0, 1, 1, 1]
     assert len(common.build_dataset("imagenet", str(tmp_path), True, subset=0.4)) == 4
+    # in-memory sets (Fashion-MNIST's ArrayImages, CIFAR): the first N of every class in the set's order
+    arr = common.ArrayImages(np.arange(12, dtype=np.uint8).repeat(4).reshape(12, 2, 2), [0, 1, 2, 0, 1, 2, 2, 1, 0, 0, 1, 2])
+    sub = common.per_class_subset(arr, 2)
+    assert sub.targets == [0, 1, 2, 0, 1, 2] and sub.images[:, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    sub = common.per_class_subset(arr, 0.75)                       # int(4 x 0.75) = 3 of every class
+    assert sub.images[:, 0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8] and len(arr) == 12
+    mem = common.memory_images(sub)
+    assert mem is not None and mem.n == 9 and mem.labels.tolist() == sub.targets
 
 
 def test_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
@@ -646,13 +654,13 @@ BAD_SHARED = {"data": ["mnist"], "model": ["vit_huge"], "img_size": ["0"], "patc
               "max_steps": ["-1"], "batch_size": ["0"], "blr": ["nan"], "weight_decay": ["-1"], "warmup_epochs": ["inf"],
               "num_workers": ["-1"], "seed": ["-1"], "compile": ["maybe"], "log_every": ["0"], "device": ["tpu"],
               "vis_every": ["-1"], "save_every_min": ["-5"], "accum_iter": ["0"], "knn_every": ["-1"],
-              "peak_tflops": ["-1"], "benchmark": ["-1"]}
+              "peak_tflops": ["-1"], "benchmark": ["-1"],
+              "subset": ["260"]}  # synthetic data: no labelled split to subset
 BAD_METHOD = {
     "attmask": {"mask_mode": ["middle"], "pred_ratio": ["1.5"], "pred_ratio_var": ["-0.1"], "masking_prob": ["2"],
                 "show_max": ["-1"], "local_crops": ["-1"], "local_size": ["18"], "out_dim": ["0"], "head_hidden": ["0"],
                 "freeze_last_layer": ["-1"], "drop_path": ["1"], "teacher_temp": ["0"], "warmup_teacher_temp_epochs": ["-1"],
-                "center_momentum": ["1.5"], "momentum_teacher": ["nan"], "weight_decay_end": ["-1"], "clip_grad": ["-1"],
-                "subset": ["260"]},
+                "center_momentum": ["1.5"], "momentum_teacher": ["nan"], "weight_decay_end": ["-1"], "clip_grad": ["-1"]},
     "amt": {"amt": ["maybe"], "mask_ratio": ["0"], "throw_ratio": ["0.6"], "amt_start": ["-2"], "refresh_every": ["0"],
             "dec_dim": ["0"], "dec_depth": ["0"], "dec_heads": ["5"], "norm_pix_loss": ["maybe"]},
     "dtm": {"teacher": ["dino"], "teacher_ckpt": ["/nonexistent/ViT-B-16.pt", "--teacher", "clip"], "ema_momentum": ["2"],

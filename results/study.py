@@ -63,8 +63,10 @@ def parse_args(argv):
                     help="online kNN every this many epochs (0: epochs / 5, five points a curve)")
     ap.add_argument("--split", default="test", choices=("test", "val"), help="probe split (val: for choices)")
     ap.add_argument("--probe_epochs", type=int, default=100, help="linear-head epochs of eval_linear.py")
-    ap.add_argument("--out_dir", default=HERE, help="where <data>.md, <data>.png and runs-<data>/ go")
+    ap.add_argument("--out_dir", default=HERE, help="where <name>.md, <name>.png and runs-<name>/ go")
+    ap.add_argument("--name", default="", help="the study's name in those files (default: --data)")
     args, rest = ap.parse_known_args(argv)
+    args.name = args.name or args.data
     if rest and not rest[0].startswith("--"):
         die(f"unexpected argument {rest[0]!r}; training flags go as --flag value")
     if any(a.split("=")[0] in ("--seed", "--knn_every") for a in rest):
@@ -86,7 +88,7 @@ def shared_flags(rest, name):
 
 def plan(args, rest):
     """One dict per run: its name, method, variant, seed, folder and the method file's command line."""
-    runs_dir = os.path.join(os.path.abspath(args.out_dir), f"runs-{args.data}")
+    runs_dir = os.path.join(os.path.abspath(args.out_dir), f"runs-{args.name}")
     knn_every = args.knn_every or max(1, args.epochs // 5)
     runs = []
     for m in args.methods:
@@ -250,7 +252,7 @@ def write_table(path, args, argv, results, raw, wall, failed):
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     top1 = lambda probe, key: probe[key] if probe else None
     last_knn = lambda r: r["curve"][-1][1] if r["curve"] else None
-    L = [f"# Study on {args.data}: each method against its paper baseline", "",
+    L = [f"# Study `{args.name}` on {args.data}: each method against its paper baseline", "",
          f"- command: `python {os.path.relpath(os.path.abspath(__file__), ROOT)} {shlex.join(argv)}`",
          f"- date: {date}; hardware: {hardware(results)}; study wall time {wall / 60:.1f} min ({at_once})",
          f"- budget per run: {budget}; seeds {' '.join(map(str, args.seeds))}; everything else is each "
@@ -423,10 +425,10 @@ def main(argv=None):
     raw = {k: (json.load(open(p)) if os.path.isfile(p) else None)
            for k, p in (("probe", os.path.join(raw_dir, f"probe_{tag}.json")),
                         ("online", os.path.join(raw_dir, "online_knn.json")))}
-    md, png = (os.path.join(os.path.abspath(args.out_dir), f"{args.data}.{ext}") for ext in ("md", "png"))
+    md, png = (os.path.join(os.path.abspath(args.out_dir), f"{args.name}.{ext}") for ext in ("md", "png"))
     write_table(md, args, argv, results, raw, time.time() - t0, failed)
     budget = f"{args.epochs} epochs" + (f", <= {args.max_steps} steps" if args.max_steps else "")
-    draw_plot(png, f"{args.data}: online kNN top-1 on val during pre-training ({budget})", results,
+    draw_plot(png, f"{args.name}: online kNN top-1 on val during pre-training ({budget})", results,
               raw["online"] and raw["online"]["knn"])
     print(f"wrote {md} and {png}" + (f"; {len(failed)} job(s) failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
