@@ -1182,11 +1182,14 @@ def test_compile_adds_no_graph_after_the_second_step(method, tmp_path, capsys, m
     monkeypatch.setattr(torch.optim, "AdamW", AdamW)
     torch._dynamo.reset()
     counters.clear()
-    run_inprocess(method, method_args(method) + ["--batch_size", "4", "--compile", "--benchmark", "2"], tmp_path, capsys)
+    try:
+        run_inprocess(method, method_args(method) + ["--batch_size", "4", "--compile", "--benchmark", "2"], tmp_path,
+                      capsys)
+    finally:
+        torch._dynamo.reset()  # no compiled code left for the other tests
     assert len(seen) == (8 if method == "amt" else 4) and seen[0][0] > 0, seen
     for phase in range(0, len(seen), 4):
         assert seen[phase + 1] == seen[phase + 3], (phase, seen)
-    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------
