@@ -728,7 +728,7 @@ def count_flops(modules, loss_fn, ctx):
 
 
 def device_peak(device, peak_tflops=0.0):
-    """The GPU's dense bf16 peak in TFLOP/s: --peak_tflops, else from its name; 0 = unknown (always on CPU)."""
+    """The GPU's dense bf16 peak in TFLOP/s: --peak_tflops, else from its name; 0 = unknown (and on CPU)."""
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)
@@ -824,7 +824,7 @@ def train(cfg: Config):
               f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
 
-    fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # compile before DDP; we save `model`
+    fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # before DDP; we save `model`
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 

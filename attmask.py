@@ -749,7 +749,7 @@ def count_flops(modules, loss_fn, ctx):
 
 
 def device_peak(device, peak_tflops=0.0):
-    """The GPU's dense bf16 peak in TFLOP/s: --peak_tflops, else from its name; 0 = unknown (always on CPU)."""
+    """The GPU's dense bf16 peak in TFLOP/s: --peak_tflops, else from its name; 0 = unknown (and on CPU)."""
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)

@@ -847,7 +847,7 @@ def count_flops(modules, loss_fn, ctx):
 
 
 def device_peak(device, peak_tflops=0.0):
-    """The GPU's dense bf16 peak in TFLOP/s: --peak_tflops, else from its name; 0 = unknown (always on CPU)."""
+    """The GPU's dense bf16 peak in TFLOP/s: --peak_tflops, else from its name; 0 = unknown (and on CPU)."""
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)
@@ -933,7 +933,7 @@ def train(cfg: Config):
         log.print("note: the paper's ImageNet recipe distils a CLIP ViT-B/16 teacher (--teacher clip --teacher_ckpt"
                   f" ViT-B-16.pt); this run uses the {dict(ema='EMA', random='frozen random')[cfg.teacher]} teacher")
 
-    fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # compile before DDP; we save `model`
+    fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # before DDP; we save `model`
     targets = torch.compile(model.targets, **common.COMPILE) if cfg.compile else model.targets  # the teacher too
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
