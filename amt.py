@@ -40,6 +40,7 @@ Run:
     torchrun --nproc_per_node=8 amt.py --data imagenet --data_dir /path/to/imagenet
     python amt.py --data cifar10 --amt off                           # the MAE baseline, same recipe
     python amt.py --data cifar10 --mask_ratio 0.75 --throw_ratio 0   # attention-driven masking only
+    python amt.py --data imagenet --benchmark 20                     # the step alone, AMT vs MAE phase; no data
 """
 import dataclasses
 import json
@@ -93,6 +94,7 @@ class Config:
     knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
     peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
+    benchmark: int = 0             # time N optimizer steps on device-made images, no files (0 = train)
     # <<< shared: config
     amt: str = "on"                # on: AMT after epoch amt_start; off: plain MAE throughout (the paper's baseline)
     mask_ratio: float = 0.45       # AMT: fraction of patches masked = reconstructed (official 0.45)
@@ -582,7 +584,7 @@ def load_checkpoint(path):
 
 
 class Logger:
-    """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl."""
+    """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl (no files: out_dir "")."""
 
     def __init__(self, out_dir, master):
         self.master, self.out_dir = master, out_dir  # the folder is made at the first line: none on a failed start
@@ -590,12 +592,13 @@ class Logger:
     def print(self, msg):
         if self.master:
             print(msg, flush=True)
+        if self.master and self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
     def metrics(self, row):
-        if self.master:
+        if self.master and self.out_dir:
             with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -699,14 +702,22 @@ def count_flops(modules, loss_fn, ctx):
     return counter.get_total_flops()
 
 
+def device_peak(device, peak_tflops=0.0):
+    """The GPU's dense bf16 peak in TFLOP/s: --peak_tflops, else from its name; 0 = unknown (and on CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return peak_tflops or next((p for key, p in PEAK_BF16_TFLOPS if key in name), 0)
+
+
 def flops_summary(flops, steps, seconds, device, peak_tflops=0.0):
     """' | X TFLOP/s' achieved per GPU and, on CUDA, ' | MFU Y%' against the dense bf16 peak."""
     tflops = flops * steps / max(seconds, 1e-9) / 1e12
     out = f" | {tflops:.3g} TFLOP/s"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = peak_tflops or next((p for key, p in PEAK_BF16_TFLOPS if key in name), 0)
-        out += f" | MFU {100 * tflops / peak:.1f}%" if peak else f" | MFU unknown for {name} (set --peak_tflops)"
+        peak = device_peak(device, peak_tflops)
+        out += (f" | MFU {100 * tflops / peak:.1f}%" if peak else
+                f" | MFU unknown for {torch.cuda.get_device_name(device)} (set --peak_tflops)")
     return out
 # <<< shared: runtime
 
@@ -728,12 +739,14 @@ def train(cfg: Config):
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same initial weights (and EMA copies) on every rank
-    log = Logger(cfg.out_dir, master)
+    log = Logger("" if cfg.benchmark else cfg.out_dir, master)  # --benchmark writes nothing
     handle_sigterm()
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # data: the crop also returns its box so that the stored map can follow the image
-    dataset = common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
+    dataset = (common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
+               if not cfg.benchmark else  # --benchmark: random images made on the device
+               common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
     transform = common.CropWithBox(cfg.data, cfg.img_size, scale=(0.2, 1.0))
     loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
                                 with_index=True, batched=common.BatchCrop(cfg.data, cfg.img_size, with_box=True),
@@ -760,7 +773,7 @@ def train(cfg: Config):
 
     # resume: the same command continues the run in out_dir
     path, step = os.path.join(cfg.out_dir, "checkpoint.pt"), 0
-    if os.path.exists(path):
+    if os.path.exists(path) and not cfg.benchmark:  # a benchmark starts afresh and saves nothing
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
                    if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
@@ -792,7 +805,7 @@ def train(cfg: Config):
               f" | {steps_per_epoch} steps/epoch | {stop} steps | " + ("--amt off: plain MAE" if cfg.amt == "off" else
               f"AMT after epoch {cfg.amt_start}: {n_mask} masked / {n_throw} thrown / {N - n_mask - n_throw} visible"))
 
-    fwd = torch.compile(model) if cfg.compile else model  # compile before DDP; we save `model`
+    fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # before DDP; we save `model`
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -802,6 +815,45 @@ def train(cfg: Config):
                  "store": None if store is None else store.cpu(), "store_epoch": store_epoch}
         if master:
             save_checkpoint(path, state)
+
+    def train_step(batch, micro, step, amt_phase):
+        """One micro-batch of the loop ((images, crop boxes), labels, indices): the masks' weights, forward and
+        backward; after the last of accum_iter, the optimizer step. The loop and --benchmark both run it."""
+        (images, box), _, idx = batch
+        images = images.to(device, non_blocking=True)
+        weights = patch_weights(store[idx.to(device, non_blocking=True)], box.to(device, non_blocking=True),
+                                cfg.patch_size) if amt_phase else torch.ones(len(images), N, device=device)  # (B, N)
+        counts = (n_mask, n_throw) if amt_phase else (N - int(N * 0.25), 0)  # MAE's 75 %, keeps int(N/4)
+        for g in opt.param_groups:
+            g["lr"] = cosine_schedule(step, total, lr, 0.0, warmup=int(cfg.warmup_epochs * steps_per_epoch))
+        if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+            fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
+        with ctx:
+            loss, stats, out = fwd(images, weights, *counts)
+        (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+        if micro == cfg.accum_iter - 1:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss, stats, (images, weights, *counts), out
+
+    if cfg.benchmark:  # the step alone on accum_iter micro-batches of device-made images and random maps
+        it, gen = iter(loader), torch.Generator(device).manual_seed(cfg.seed)
+        batches = [next(it) for _ in range(cfg.accum_iter)]
+        store = torch.rand(len(dataset), *(model.encoder.grid,) * 2, device=device, generator=gen).half()
+        res = {}
+        for phase in (["AMT", "MAE"] if cfg.amt == "on" else ["MAE"]):  # MAE: the warm-up phase = --amt off
+            n_m, n_t = (n_mask, n_throw) if phase == "AMT" else (N - int(N * 0.25), 0)
+            res[phase] = common.benchmark(
+                METHOD, batches, lambda b, micro, i, amt=phase == "AMT": train_step(b, micro, i, amt),
+                lambda out: count_flops((model,), lambda m: m(*out[2])[0], ctx), cfg.benchmark, eff_batch, device,
+                device_peak(device, cfg.peak_tflops), log,
+                note=f"{phase} phase: {n_m} masked, {n_t} thrown, encoder on {N - n_m - n_t} of {N} patches")
+        if len(res) == 2:  # the paper's token arithmetic: AMT's step against MAE's at the same size
+            log.print(f"benchmark | {METHOD} | AMT / MAE: time {res['AMT']['ms'] / res['MAE']['ms']:.2f}x | "
+                      f"FLOPs {res['AMT']['flops'] / res['MAE']['flops']:.2f}x")
+        if world > 1:
+            dist.destroy_process_group()
+        return res
 
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
@@ -818,34 +870,20 @@ def train(cfg: Config):
             model.train()
             log.print(f"attention store: {len(dataset)} maps after epoch {due} in {time.time() - t0:.1f} s")
             t_log += time.time() - t0  # the log's ms and img/s are training steps only; the summary counts all
-        counts = (n_mask, n_throw) if due is not None else (N - int(N * 0.25), 0)  # MAE's 75 %, keeps int(N/4)
         loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
-        for (images, box), _, idx in loader:
+        for batch in loader:
             data_wait += time.time() - t_data
-            images = images.to(device, non_blocking=True)
-            weights = torch.ones(images.shape[0], N, device=device) if due is None else patch_weights(
-                store[idx.to(device, non_blocking=True)], box.to(device, non_blocking=True),
-                cfg.patch_size)  # (B, N); the store is on the device: no host copy per step
-            lr_now = cosine_schedule(step, total, lr, 0.0, warmup=int(cfg.warmup_epochs * steps_per_epoch))
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
-                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
-            with ctx:
-                loss, stats, out = fwd(images, weights, *counts)
-            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            loss, stats, inputs, out = train_step(batch, micro, step, due is not None)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             micro = (micro + 1) % cfg.accum_iter
             if micro:  # not yet the last micro-batch of this optimizer step
                 t_data = time.time()
                 continue
-            opt.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             log_steps += 1
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):  # uses this step's masks: no RNG
-                visualize(cfg, images, weights, out, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
+                visualize(cfg, *inputs[:2], out, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
             stop_now, save_now = control()
             if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0 or stop_now or save_now:
                 flags = torch.stack([bad_step.float(), torch.tensor(float(stop_now), device=device)])
@@ -855,6 +893,7 @@ def train(cfg: Config):
                     nonfinite_error(int(flags[0]) + 1, path)
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
+                    lr_now = opt.param_groups[0]["lr"]
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
                            "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
@@ -881,7 +920,7 @@ def train(cfg: Config):
 
     wall = time.time() - t_start
     imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
-    flops = count_flops((model,), lambda m: m(images, weights, *counts)[0], ctx)  # the last step again, untimed
+    flops = count_flops((model,), lambda m: m(*inputs)[0], ctx)  # the last step again, untimed
     log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
               + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))

@@ -94,6 +94,7 @@ class Config:
     knn_every: int = 0             # epochs between online kNN top-1 on val (0 = off; small data: epochs / 10)
     save_every_min: float = 30.0   # minutes between mid-epoch checkpoints (0 = off): a kill -9 loses minutes
     peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
+    benchmark: int = 0             # time N optimizer steps on device-made images, no files (0 = train)
     # <<< shared: config
     # method: AttMask (paper values from the official launch commands)
     mask_mode: str = "attmask_hint"  # attmask_hint | attmask_high | attmask_low | random | block (iBOT)
@@ -632,7 +633,7 @@ def load_checkpoint(path):
 
 
 class Logger:
-    """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl."""
+    """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl (no files: out_dir "")."""
 
     def __init__(self, out_dir, master):
         self.master, self.out_dir = master, out_dir  # the folder is made at the first line: none on a failed start
@@ -640,12 +641,13 @@ class Logger:
     def print(self, msg):
         if self.master:
             print(msg, flush=True)
+        if self.master and self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
     def metrics(self, row):
-        if self.master:
+        if self.master and self.out_dir:
             with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -749,14 +751,22 @@ def count_flops(modules, loss_fn, ctx):
     return counter.get_total_flops()
 
 
+def device_peak(device, peak_tflops=0.0):
+    """The GPU's dense bf16 peak in TFLOP/s: --peak_tflops, else from its name; 0 = unknown (and on CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return peak_tflops or next((p for key, p in PEAK_BF16_TFLOPS if key in name), 0)
+
+
 def flops_summary(flops, steps, seconds, device, peak_tflops=0.0):
     """' | X TFLOP/s' achieved per GPU and, on CUDA, ' | MFU Y%' against the dense bf16 peak."""
     tflops = flops * steps / max(seconds, 1e-9) / 1e12
     out = f" | {tflops:.3g} TFLOP/s"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = peak_tflops or next((p for key, p in PEAK_BF16_TFLOPS if key in name), 0)
-        out += f" | MFU {100 * tflops / peak:.1f}%" if peak else f" | MFU unknown for {name} (set --peak_tflops)"
+        peak = device_peak(device, peak_tflops)
+        out += (f" | MFU {100 * tflops / peak:.1f}%" if peak else
+                f" | MFU unknown for {torch.cuda.get_device_name(device)} (set --peak_tflops)")
     return out
 # <<< shared: runtime
 
@@ -764,12 +774,14 @@ def train(cfg: Config):
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same initial weights (and EMA copies) on every rank
-    log = Logger(cfg.out_dir, master)
+    log = Logger("" if cfg.benchmark else cfg.out_dir, master)  # --benchmark writes nothing
     handle_sigterm()
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # data: 2 global + L local crops; milder blur at <= 64 px, where it wipes the image out (spec 5.4)
-    dataset = common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
+    dataset = (common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
+               if not cfg.benchmark else  # --benchmark: random images made on the device
+               common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
     crops = (cfg.data, cfg.img_size, cfg.local_size, cfg.local_crops)
     blur = (1.0, 0.1, 0.5) if cfg.img_size > 64 else (0.5, 0.1, 0.2)
     loader = common.make_loader(dataset, common.MultiCrop(*crops, blur=blur), cfg.batch_size, True, cfg.seed, rank,
@@ -793,7 +805,7 @@ def train(cfg: Config):
 
     # resume: the same command continues the run in out_dir
     path, step = os.path.join(cfg.out_dir, "checkpoint.pt"), 0
-    if os.path.exists(path):
+    if os.path.exists(path) and not cfg.benchmark:  # a benchmark starts afresh and saves nothing
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
                    if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
@@ -825,7 +837,7 @@ def train(cfg: Config):
 
     if cfg.compile:  # the networks, not the step (it draws Python-side ratios and all-reduces the centers)
         for m in (model.student, model.teacher, model.head, model.teacher_head):
-            m.compile()
+            m.compile(**common.COMPILE)
     fwd = model
     if world > 1:  # the teacher has no trainable parameters: DDP copies rank 0's once and never reduces it
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
@@ -837,6 +849,40 @@ def train(cfg: Config):
         if master:
             save_checkpoint(path, state)
 
+    def train_step(batch, micro, step, epoch):
+        """One micro-batch of the loop (crops, labels): forward and backward; after the last of accum_iter, the
+        clipping, optimizer and EMA teacher steps. The loop and --benchmark both run it."""
+        crops = [c.to(device, non_blocking=True) for c in batch[0]]
+        for g in opt.param_groups:
+            g["lr"] = cosine_schedule(step, total, lr, 1e-6, warmup=int(cfg.warmup_epochs * steps_per_epoch))
+        opt.param_groups[0]["weight_decay"] = cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
+        if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
+            fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
+        with ctx:
+            loss, stats = fwd(crops, step, epoch)
+        (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+        if micro == cfg.accum_iter - 1:
+            if cfg.clip_grad:
+                clip_per_tensor(params, cfg.clip_grad)
+            if epoch < cfg.freeze_last_layer:  # the prototypes stay put while the rest settles (DINO)
+                model.head.v.grad = model.head.g.grad = None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema_update(teacher_params, student_params, cosine_schedule(step, total, cfg.momentum_teacher, 1.0))
+        return loss, stats, crops
+
+    if cfg.benchmark:  # the step alone, on accum_iter micro-batches of device-made images
+        it = iter(loader)
+        batches = [next(it) for _ in range(cfg.accum_iter)]
+        res = common.benchmark(
+            METHOD, batches, lambda b, micro, i: train_step(b, micro, i, i // steps_per_epoch),
+            lambda out: count_flops((model,), lambda m: m(out[2], 0, 0)[0], ctx), cfg.benchmark, eff_batch,
+            device, device_peak(device, cfg.peak_tflops), log,
+            note=f"{2 + cfg.local_crops} crops: 2 x {cfg.img_size} px + {cfg.local_crops} x {cfg.local_size} px")
+        if world > 1:
+            dist.destroy_process_group()
+        return res
+
     # the loop
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, checked on log steps
     control, stop_now = RunControl(world, cfg.save_every_min), False  # SIGTERM / timed save, every step
@@ -845,30 +891,14 @@ def train(cfg: Config):
     while step < stop:
         loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
-        for crops, _ in loader:
+        for batch in loader:
             data_wait += time.time() - t_data
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            lr_now = cosine_schedule(step, total, lr, 1e-6, warmup=int(cfg.warmup_epochs * steps_per_epoch))
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            opt.param_groups[0]["weight_decay"] = cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
-            if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
-                fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
-            with ctx:
-                loss, stats = fwd(crops, step, epoch)
-            (loss / cfg.accum_iter).backward()  # MAE: micro-batch gradients add up to the mean over the batch
+            loss, stats, crops = train_step(batch, micro, step, epoch)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             micro = (micro + 1) % cfg.accum_iter
             if micro:  # not yet the last micro-batch of this optimizer step
                 t_data = time.time()
                 continue
-            if cfg.clip_grad:
-                clip_per_tensor(params, cfg.clip_grad)
-            if epoch < cfg.freeze_last_layer:  # the prototypes stay put while the rest settles (DINO)
-                model.head.v.grad = model.head.g.grad = None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema_update(teacher_params, student_params, cosine_schedule(step, total, cfg.momentum_teacher, 1.0))
             step += 1
             log_steps += 1
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
@@ -882,6 +912,7 @@ def train(cfg: Config):
                     nonfinite_error(int(flags[0]) + 1, path)
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
+                    lr_now = opt.param_groups[0]["lr"]
                     row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
                            "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}

@@ -92,7 +92,7 @@ SHARED_RULES = {"img_size": above(0), "patch_size": above(0), "epochs": at_least
                 "num_workers": at_least(0), "seed": at_least(0), "log_every": at_least(1),
                 "device": one_of("auto", "cuda", "cpu"), "vis_every": at_least(0), "save_every_min": at_least(0),
                 "accum_iter": at_least(1), "knn_every": at_least(0), "peak_tflops": at_least(0),
-                "subset": at_least(0)}
+                "benchmark": at_least(0), "subset": at_least(0)}
 
 
 def check_fields(cfg, rules):
@@ -351,6 +351,8 @@ def memory_images(ds):
     """`ds` (from build_dataset) as MemoryImages, or None where it is read as image files: ImageNet, and
     `folder` sets whose first image is over MEMORY_MAX_SIDE px a side, whose images differ in size, or that
     would take over MEMORY_MAX_BYTES. Built once per process and dataset."""
+    if isinstance(ds, MemoryImages):                      # already one (--benchmark's device-made images)
+        return ds
     key = getattr(ds, "memory_key", None)
     if key in _MEMORY:
         return _MEMORY[key]
@@ -1353,3 +1355,60 @@ def online_knn(cfg, step, steps_per_epoch, stop, build_encoder, device, log):
         log.metrics({"step": step, "epoch": round(step / steps_per_epoch, 2), "knn": top1, "knn_s": secs,
                      "knn_val": len(queries), "knn_bank": len(bank)})
     return time.time() - t0
+
+
+# ----------------------------------------------------------------------------
+# Benchmark: the model step alone (--benchmark N), apart from the input pipeline
+
+BENCHMARK_WARMUP = 3   # untimed steps first: compilation, allocator and optimizer-state set-up
+COMPILE = {"dynamic": False}  # --compile's torch.compile options: one static graph per input shape (a phase,
+# a crop size), never one per step; the tests add backend="eager" (no C++ compiler)
+
+
+def benchmark_images(n, size, device, seed=0):
+    """--benchmark's training set: n random uint8 images (n, size, size, 3) made on `device` and held as an
+    in-memory set, so make_loader augments them there with the method's own batched view: no files, no workers."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, device=device, generator=g)
+    return MemoryImages(images, torch.zeros(n, dtype=torch.long, device=device))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(label, batches, micro_step, flops_fn, steps, images_per_step, device, peak_tflops, log, note=""):
+    """Times `steps` optimizer steps after BENCHMARK_WARMUP untimed ones, with a device synchronisation at the
+    two ends only. Step i is micro_step(batch, micro, i) over the fixed micro-batches `batches` (the training
+    loop's own step function). flops_fn(out): FLOPs of one micro-batch from the last micro_step output, counted
+    after the timing. peak_tflops: the GPU's dense peak (0 = unknown: MFU n/a). Prints one line,
+    `benchmark | label | n steps | img/s | ms/step | TFLOP/s | MFU | peak mem` (+ note); returns the figures."""
+    def step(i):
+        for micro, batch in enumerate(batches):
+            out = micro_step(batch, micro, i)
+        return out
+
+    for i in range(BENCHMARK_WARMUP):
+        step(i)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the steady step's peak, not compilation's
+    t0 = time.perf_counter()
+    for i in range(BENCHMARK_WARMUP, BENCHMARK_WARMUP + steps):
+        out = step(i)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        import resource
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS (KiB)
+    flops = flops_fn(out) * len(batches)
+    r = {"label": label, "steps": steps, "img_s": images_per_step * steps / seconds, "ms": 1000 * seconds / steps,
+         "flops": flops, "tflops": flops * steps / seconds / 1e12, "peak_mem_gb": peak_mem}
+    r["mfu"] = 100 * r["tflops"] / peak_tflops if peak_tflops else None
+    log.print(f"benchmark | {label} | {steps} steps | {r['img_s']:.1f} img/s | {r['ms']:.1f} ms/step | "
+              f"{r['tflops']:.3g} TFLOP/s | MFU " + (f"{r['mfu']:.1f}%" if peak_tflops else "n/a")
+              + f" | peak mem {peak_mem:.2f} GB" + (f" | {note}" if note else ""))
+    return r

@@ -1,9 +1,10 @@
 """The collection's tests, CPU only: `python -m pytest -q test_all.py` (under 5 minutes on 2 cores).
 
 Foundation (data, crops, probe, CLI/runtime contract, shared-code identity) first, then one section per
-method. Speed is not tested here: it is measured by running a method with --max_steps.
+method. Speed is not tested here: it is measured with --benchmark N (the step alone) or --max_steps.
 """
 import dataclasses
+import functools
 import gzip
 import importlib
 import json
@@ -767,7 +768,8 @@ BAD_SHARED = {"data": ["mnist"], "model": ["vit_huge"], "img_size": ["0"], "patc
               "max_steps": ["-1"], "batch_size": ["0"], "blr": ["nan"], "weight_decay": ["-1"], "warmup_epochs": ["inf"],
               "num_workers": ["-1"], "seed": ["-1"], "compile": ["maybe"], "log_every": ["0"], "device": ["tpu"],
               "vis_every": ["-1"], "save_every_min": ["-5"], "accum_iter": ["0"], "knn_every": ["-1"],
-              "peak_tflops": ["-1"], "subset": ["260"]}  # synthetic data: no labelled split to subset
+              "peak_tflops": ["-1"], "benchmark": ["-1"],
+              "subset": ["260"]}  # synthetic data: no labelled split to subset
 BAD_METHOD = {
     "attmask": {"mask_mode": ["middle"], "pred_ratio": ["1.5"], "pred_ratio_var": ["-0.1"], "masking_prob": ["2"],
                 "show_max": ["-1"], "local_crops": ["-1"], "local_size": ["18"], "out_dim": ["0"], "head_hidden": ["0"],
@@ -1200,6 +1202,118 @@ def test_imagenet_presets_give_each_papers_images_per_step_on_8_gpus():
         assert (cfg.batch_size * 8 * cfg.accum_iter, cfg.accum_iter) == want[m], m
     vit = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])
     assert (vit.batch_size, vit.accum_iter) == (128, 2)
+
+
+# ----------------------------------------------------------------------------
+# Speed: --benchmark times the training step itself; --compile adds no graph after the first steps
+
+BENCH_LINE = (r"^benchmark \| {} \| (\d+) steps \| ([\d.]+) img/s \| ([\d.]+) ms/step \| ([\d.e+-]+) TFLOP/s "
+              r"\| MFU n/a \| peak mem [\d.]+ GB")
+
+
+class _Replay:
+    """A loader whose every epoch is its first `n` micro-batches: the tensors --benchmark times, each step."""
+
+    def __init__(self, loader, n):
+        self.loader, self.sampler, self.n, self.first = loader, loader.sampler, n, None
+
+    def __iter__(self):
+        if self.first is None:
+            it = iter(self.loader)
+            self.first = [next(it) for _ in range(self.n)]
+        return iter(self.first)
+
+
+def _recording_adamw(monkeypatch):
+    """torch.optim.AdamW that keeps every instance and its parameters' initial values."""
+    made = []
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            self.initial = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+            made.append(self)
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    return made
+
+
+def _params(opt):
+    return [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_benchmark_times_the_training_step(method, tmp_path, capsys, monkeypatch):
+    """--benchmark 3 (after 1 warm-up step) prints the line with its three figures and writes nothing; its 4
+    steps leave the same weights as 4 steps of the training loop on the same micro-batches (2 of 4 images).
+    AMT: its AMT phase (timed first) against a run in the AMT phase from step 0 with the same stored maps."""
+    monkeypatch.setattr(common, "BENCHMARK_WARMUP", 1)
+    made, after = _recording_adamw(monkeypatch), []
+    timed = common.benchmark
+    monkeypatch.setattr(common, "benchmark", lambda *x, **k: (timed(*x, **k), after.append(_params(made[-1])))[0])
+    a = method_args(method) + ["--batch_size", "4", "--accum_iter", "2", "--epochs", "10", "--vis_every", "0"]
+    a += ["--amt_start", "-1"] if method == "amt" else []
+    mod = importlib.import_module(method)
+    capsys.readouterr()
+    res = mod.train(mod.parse_config(a + ["--benchmark", "3", "--out_dir", str(tmp_path / "bench")]))
+    out = capsys.readouterr().out
+    m = re.search(BENCH_LINE.format(method), out, re.M)
+    assert m and m.group(1) == "3" and all(float(v) > 0 for v in m.groups()[1:]), out[-2000:]
+    assert not os.path.exists(tmp_path / "bench")  # no checkpoint, no log
+    assert (res["AMT"] if method == "amt" else res)["flops"] > 0
+    assert max((p - q).abs().max().item() for p, q in zip(after[0], made[-1].initial)) > 1e-4  # it trained
+    # the loop, on the benchmark's images (made on the device) and its first micro-batches every step
+    monkeypatch.setattr(common, "build_dataset", lambda *x, **k: common.benchmark_images(8, 32, torch.device("cpu")))
+    make_loader = common.make_loader
+    monkeypatch.setattr(common, "make_loader", lambda *x, **k: _Replay(make_loader(*x, **k), 2))
+    maps = torch.rand(8, 8, 8, generator=torch.Generator().manual_seed(0))  # the benchmark's random maps
+    monkeypatch.setattr(common, "extract", lambda *x, **k: (maps.view(8, 64), None))  # AMT's store refresh
+    mod.train(mod.parse_config(a + ["--max_steps", "4", "--out_dir", str(tmp_path / "loop")]))
+    assert all(torch.equal(p, q) for p, q in zip(after[0], _params(made[-1]))), method
+
+
+def test_amt_benchmark_amt_phase_against_mae_without_data(tmp_path, capsys, monkeypatch):
+    """AMT's benchmark times the AMT phase and the MAE phase (= --amt off); the AMT step's counted FLOPs are
+    < 0.7x MAE's (encoder on 1+10 vs 1+16 tokens, decoder on 1+38 vs 1+64); --data imagenet needs no files."""
+    monkeypatch.setattr(common, "BENCHMARK_WARMUP", 1)
+    a = ["--data", "imagenet", "--data_dir", str(tmp_path / "missing"), "--model", "vit_pico", "--img_size", "32",
+         "--patch_size", "4", "--batch_size", "4", "--accum_iter", "1", "--dec_dim", "32", "--dec_depth", "1",
+         "--dec_heads", "2", "--benchmark", "2", "--out_dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    res = amt.train(amt.parse_config(a))
+    out = capsys.readouterr().out
+    lines = re.findall(BENCH_LINE.format("amt") + r" \| (\w+) phase", out, re.M)
+    assert [x[-1] for x in lines] == ["AMT", "MAE"], out[-2000:]
+    assert res["AMT"]["flops"] < 0.7 * res["MAE"]["flops"], (res["AMT"]["flops"], res["MAE"]["flops"])
+    assert re.search(r"^benchmark \| amt \| AMT / MAE: time [\d.]+x \| FLOPs 0\.\d\dx$", out, re.M)
+    assert not os.path.exists(tmp_path / "missing") and not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("method", PRESENT)
+def test_compile_adds_no_graph_after_the_second_step(method, tmp_path, capsys, monkeypatch):
+    """--compile (dynamo with the eager backend: no C++ compiler) on the step the loop runs: the graphs and
+    frames compiled stay the same from step 2 on, in each of AMT's phases too."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setitem(common.COMPILE, "backend", "eager")
+    monkeypatch.setattr(common, "BENCHMARK_WARMUP", 2)
+    if method == "dtm":  # 3 block-placement attempts, not 30: the same graph, a tenth of it to trace
+        monkeypatch.setattr(dtm, "block_mask", functools.partial(dtm.block_mask, attempts=3))
+    seen = []
+
+    class AdamW(torch.optim.AdamW):
+        def step(self, *args, **kw):
+            seen.append((counters["stats"]["unique_graphs"], counters["frames"]["total"]))
+            return super().step(*args, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        run_inprocess(method, method_args(method) + ["--batch_size", "4", "--compile", "--benchmark", "2"], tmp_path,
+                      capsys)
+    finally:
+        torch._dynamo.reset()  # no compiled code left for the other tests
+    assert len(seen) == (8 if method == "amt" else 4) and seen[0][0] > 0, seen
+    for phase in range(0, len(seen), 4):
+        assert seen[phase + 1] == seen[phase + 3], (phase, seen)
 
 
 # ----------------------------------------------------------------------------
