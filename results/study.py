@@ -64,9 +64,14 @@ def parse_args(argv):
     ap.add_argument("--split", default="test", choices=("test", "val"), help="probe split (val: for choices)")
     ap.add_argument("--probe_epochs", type=int, default=100, help="linear-head epochs of eval_linear.py")
     ap.add_argument("--out_dir", default=HERE, help="where <name>.md, <name>.png and runs-<name>/ go")
+    ap.add_argument("--flags", nargs=2, action="append", default=[], metavar=("METHOD", "FLAGS"),
+                    help='extra training flags of one method, e.g. --flags attmask "--out_dim 1024" (repeatable)')
     ap.add_argument("--name", default="", help="the study's name in those files (default: --data)")
     args, rest = ap.parse_known_args(argv)
     args.name = args.name or args.data
+    for m, _ in args.flags:
+        if m not in METHODS:
+            die(f"--flags {m}: unknown method; choose one of {', '.join(METHODS)}")
     if rest and not rest[0].startswith("--"):
         die(f"unexpected argument {rest[0]!r}; training flags go as --flag value")
     if any(a.split("=")[0] in ("--seed", "--knn_every") for a in rest):
@@ -98,7 +103,8 @@ def plan(args, rest):
                 out = os.path.join(runs_dir, name)
                 train = ["--data", args.data, "--data_dir", args.data_dir, "--epochs", str(args.epochs),
                          *(["--max_steps", str(args.max_steps)] if args.max_steps else []), "--seed", str(seed),
-                         "--knn_every", str(knn_every), "--out_dir", out, *switch, *rest]
+                         "--knn_every", str(knn_every), "--out_dir", out, *switch, *rest,
+                         *[a for mm, flags in args.flags if mm == m for a in shlex.split(flags)]]
                 runs.append(dict(name=name, method=m, variant=variant, seed=seed, dir=out, train=train,
                                  switch=" ".join(switch)))
     return runs_dir, runs
