@@ -11,6 +11,8 @@ import json
 import math
 import os
 import re
+import shlex
+import signal
 import socket
 import statistics
 import struct
@@ -588,19 +590,34 @@ def test_study_runs_end_to_end_and_writes_the_table_and_the_plot(tmp_path):
     spec.loader.exec_module(study)
     argv = ["--data", "fashion-mnist", "--data_dir", str(tmp_path), "--epochs", "2", "--seeds", "0", "--methods", "amt",
             "dtm", "--parallel", "0", "--probe_epochs", "2", "--out_dir", str(res), "--model", "vit_pico",
-            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--log_every", "4"]
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--log_every", "4", "--name", "fm",
+            "--flags", "amt", "--dec_depth 1"]
     assert study.main(argv) == 0
-    md = open(res / "fashion-mnist.md").read()
+    md = open(res / "fm.md").read()
     runs = re.findall(r"^\| (\w+-\w+-s0) \| 0 \| 16 \| 2\.00 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
                       md.split("## Every run")[1], re.M)
     assert sorted(runs) == ["amt-baseline-s0", "amt-paper-s0", "dtm-baseline-s0", "dtm-paper-s0"], md
     assert md.count("random init (same architecture)") == 2 and re.search(r"^\| raw pixels .*\| [\d.]+ \|$", md, re.M)
-    assert "baseline `--amt off`" in md and "baseline `--morph off`" in md and " ".join(argv) in md
-    for run in runs:  # logs kept, the online kNN after both epochs
-        assert open(res / "runs-fashion-mnist" / run / "metrics.jsonl").read().count('"knn"') == 2
-    png = Image.open(res / "fashion-mnist.png").convert("RGB")
+    assert "baseline `--amt off`" in md and "baseline `--morph off`" in md and shlex.join(argv) in md
+    for run in runs:  # logs kept, the online kNN after both epochs; --flags reach one method only
+        assert open(res / "runs-fm" / run / "metrics.jsonl").read().count('"knn"') == 2
+        config = json.load(open(res / "runs-fm" / run / "config.json"))
+        assert config["dec_depth"] == 1 if run.startswith("amt") else "dec_depth" not in config
+    png = Image.open(res / "fm.png").convert("RGB")
     colours = set(map(tuple, np.asarray(png).reshape(-1, 3).tolist()))
     assert png.size == (1100, 620) and (255, 127, 14) in colours and (44, 160, 44) in colours
+    # a run stopped by SIGTERM saves, is not probed and fails, so that a rerun resumes it
+    amt = importlib.import_module("amt")
+    out = tmp_path / "stopped"
+    train = ["--data", "fashion-mnist", "--data_dir", str(tmp_path), "--epochs", "2", "--model", "vit_pico",
+             "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--out_dir", str(out)]
+    amt._stop_signal.append(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit, match="stopped by SIGTERM"):
+            study.worker(dict(kind="run", method="amt", train=train, probes=[["--ckpt", str(out / "checkpoint.pt")]]))
+    finally:
+        amt._stop_signal.clear()
+    assert load_ckpt(out)["step"] == 1 and not list(out.glob("probe_*"))
 
 
 # ----------------------------------------------------------------------------

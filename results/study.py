@@ -1,7 +1,7 @@
 """The study in one command: every method next to its paper baseline at the same budget, several seeds,
 every run probed (linear + kNN) next to its random-init encoder and the raw pixels. Writes
-<out_dir>/<data>.md (the table) and <out_dir>/<data>.png (online kNN top-1 on the val split against
-epoch, one line per run) and keeps every run's logs under <out_dir>/runs-<data>/.
+<out_dir>/<name>.md (the table) and <out_dir>/<name>.png (online kNN top-1 on the val split against
+epoch, one line per run) and keeps every run's logs under <out_dir>/runs-<name>/ (name: --name, else --data).
 
     python results/study.py --data fashion-mnist --epochs 10 --seeds 0 1 --parallel 4
     python results/study.py --data fashion-mnist --methods amt dtm --max_steps 200 --seeds 0
@@ -9,12 +9,13 @@ epoch, one line per run) and keeps every run's logs under <out_dir>/runs-<data>/
         --model vit_pico --batch_size 16 --num_workers 0 --device cpu                # CPU smoke run, minutes
 
 A run is `python <method>.py --data D --data_dir DIR --epochs E [--max_steps S] --seed S --knn_every K
---out_dir <out_dir>/runs-D/<run> [baseline switch] [other flags]`: flags this script does not know go to
-every training run unchanged. Each run lives in its own interpreter (this file started as a worker) that
-trains, then probes the checkpoint with eval_linear.py on the --split (test by default; val for choices),
-and, for the first run of a method, its random-init encoder. --parallel K keeps K workers going at once;
-they share the visible GPUs (CUDA_VISIBLE_DEVICES is passed on unchanged). A rerun resumes unfinished
-runs, skips finished ones and probes again (features are cached). Standard library + torch/numpy/PIL.
+--out_dir <out_dir>/runs-<name>/<run> [baseline switch] [other flags] [--flags of the method]`: flags
+this script does not know go to every training run unchanged. Each run lives in its own interpreter
+(this file started as a worker) that trains, then probes the checkpoint with eval_linear.py on the
+--split (test by default; val for choices) and, for the first run of a method, its random-init encoder.
+--parallel K keeps K workers going at once; they share the visible GPUs (CUDA_VISIBLE_DEVICES is passed on
+unchanged). A rerun resumes unfinished runs, skips finished ones and probes again (features are cached).
+Standard library + torch/numpy/PIL.
 """
 import argparse
 import contextlib
@@ -132,6 +133,8 @@ def worker(spec):
     if spec["kind"] == "run":
         mod = importlib.import_module(spec["method"])
         mod.train(mod.parse_config(spec["train"]))
+        if mod._stop_signal:  # SIGTERM: the run saved and stopped early; a rerun resumes it, probes then
+            raise SystemExit("error: stopped by SIGTERM before the end; run the same study command to resume")
     else:  # raw pixels: the probe, and the online kNN's number on its own bank and queries for the plot
         import torch
         import common
