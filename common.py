@@ -1250,7 +1250,8 @@ def linear_probe(train_f, train_y, test_f, test_y, lrs=(0.01, 0.03, 0.1, 0.3, 1.
     lr0 = torch.tensor(lrs, dtype=torch.float32).view(-1, 1, 1)
     bufs = [torch.zeros_like(w), torch.zeros_like(bias)]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ops this small gain nothing from threads, and on a busy CPU threads spin (40x)
+    if D <= 1024:  # ops this small gain nothing from threads, and on a busy CPU threads spin (40x slower)
+        torch.set_num_threads(1)
     try:
         _sgd_heads(train_f, train_y, bn, w, bias, lr0, bufs, epochs, batch_size, g)
     finally:
