@@ -605,7 +605,7 @@ def test_study_runs_end_to_end_and_writes_the_table_and_the_plot(tmp_path):
         assert config["dec_depth"] == 1 if run.startswith("amt") else "dec_depth" not in config
     png = Image.open(res / "fm.png").convert("RGB")
     colours = set(map(tuple, np.asarray(png).reshape(-1, 3).tolist()))
-    assert png.size == (1100, 620) and (255, 127, 14) in colours and (44, 160, 44) in colours
+    assert png.size == (1160, 620) and (255, 127, 14) in colours and (44, 160, 44) in colours
     # a run stopped by SIGTERM saves, is not probed and fails, so that a rerun resumes it
     amt = importlib.import_module("amt")
     out = tmp_path / "stopped"

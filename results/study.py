@@ -345,7 +345,7 @@ def draw_plot(path, title, results, raw_knn=None):
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
         font = ImageFont.load_default()
-    W, H, left, right, top, bottom = 1100, 620, 80, 300, 50, 60
+    W, H, left, right, top, bottom = 1160, 620, 80, 360, 50, 60
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     pts = [p for r in results for p in r["curve"]]
