@@ -729,11 +729,11 @@ def test_eval_linear_under_torchrun_matches_one_process(tmp_path, capsys):
 
 def test_sigterm_to_the_process_group_saves_and_exits(tmp_path):
     """A scheduler's SIGTERM reaches the main process: the run saves after the current step and exits
-    cleanly (two methods at once, each in its own process group; the handler is the shared runtime block,
+    cleanly (in its own process group, as under a scheduler; the handler is the shared runtime block,
     and every method's loop acts on it: test_stop_flag_acts_at_the_next_step_and_timed_checkpoints)."""
     import time
     procs = {}
-    for m in [m for m in ("amt", "dtm") if m in PRESENT] or PRESENT[:1]:
+    for m in [m for m in ("amt",) if m in PRESENT] or PRESENT[:1]:
         cmd = [sys.executable, f"{m}.py", *method_args(m), "--max_steps", "100000", "--num_workers", "1",
                "--out_dir", str(tmp_path / m)]
         procs[m] = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -827,8 +827,9 @@ def test_every_flag_out_of_range_is_a_one_line_error_at_parse_time(method, tmp_p
 def test_bad_flags_from_the_command_line_exit_nonzero_without_traceback_or_files(tmp_path):
     """The same checks as a user meets them: exit code 1, one line on stderr, nothing written (no out/, no data/)."""
     (tmp_path / "taken").write_text("")
-    cases = [("attmask.py", ["--blr", "nan", "--bogus"], "--bogus"),  # an unknown flag first, then the values
-             ("a2mim.py", ["--data", "imagenet", "--data_dir", "missing", "--model", "resnet_micro"], "--data_dir")]
+    # one case: every parse-time check raises the same one-line SystemExit in-process (the sweep above and
+    # test_bad_input_never_loses_a_checkpoint); this one passes parsing and fails on the missing folder
+    cases = [("a2mim.py", ["--data", "imagenet", "--data_dir", "missing", "--model", "resnet_micro"], "--data_dir")]
     for script, args, flag in cases:
         r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path, env=ENV,
                            capture_output=True, text=True, timeout=120)
@@ -946,7 +947,7 @@ def test_a_stuck_run_ends_on_a_second_sigterm(tmp_path):
         n, log = -1, tmp_path / "o" / "log.txt"
         while n != len(log.read_text()):                # until the prefetched batches are used up
             n = len(log.read_text())
-            time.sleep(2)
+            time.sleep(1)
         os.kill(p.pid, signal.SIGTERM)
         time.sleep(2.5)
         assert p.poll() is None                         # stuck: the first SIGTERM cannot act
@@ -2143,10 +2144,10 @@ def test_dtm_teacher_bad_input(tmp_path):
 
 
 def test_dtm_impossible_morph_settings_are_one_line_errors(tmp_path):
-    r = run_script("dtm.py", TINY + ["--morph_k_max", "0", "--max_steps", "1"], tmp_path, check=False)  # as a user
-    assert r.returncode != 0 and "Traceback" not in r.stdout + r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "--morph_k_max 0" in r.stderr, r.stderr
-    for flag, bad in (("morph_levels", "0"), ("morph_n_max", "-1")):           # the same check, in-process
+    with pytest.raises(SystemExit, match=r"^error: --morph_k_max 0 [^\n]*$"):  # through train(), as a user meets it
+        dtm.train(dtm.parse_config(TINY + ["--morph_k_max", "0", "--max_steps", "1", "--out_dir", str(tmp_path)]))
+    assert not os.listdir(tmp_path)                                         # nothing written
+    for flag, bad in (("morph_levels", "0"), ("morph_n_max", "-1")):           # the same check on the model
         with pytest.raises(SystemExit, match=f"--{flag} {bad} is impossible: use >= ") as e:
             dtm.Model(_dtm_tiny_cfg(f"--{flag}", bad))
         assert "\n" not in str(e.value)
