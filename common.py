@@ -108,7 +108,8 @@ def check_fields(cfg, rules):
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         die(f"--out_dir {cfg.out_dir} is a file; pass a folder")
     if getattr(cfg, "subset", 0) and cfg.data in ("synthetic", "stl10"):
-        die(f"--subset needs a labelled pre-training split, which --data {cfg.data} does not have; drop --subset")
+        die(f"--subset needs a labelled pre-training split, which --data {cfg.data} does not have; "
+            "drop --subset")
 
 
 # ----------------------------------------------------------------------------
@@ -868,10 +869,10 @@ class FileImages:
         die(f"cannot decode the image file {self.paths[b]} ({why[:100]}); remove or replace it")
 
     def decode_one(self, b, req=None):
-        try:
-            return _pil_decode(self.data[b], req)
-        except Exception as e:
-            self.fail(b, e)
+        r = self._try(b, req)
+        if isinstance(r, Exception):
+            self.fail(b, r)
+        return r
 
     def expect(self, h, w, out_h, out_w):
         """Boxes h, w (B,) of source pixels will be resized to out_h x out_w: decode at least that finely."""
@@ -1258,7 +1259,8 @@ def linear_probe(train_f, train_y, test_f, test_y, lrs=(0.01, 0.03, 0.1, 0.3, 1.
         torch.set_num_threads(threads)
     with torch.no_grad():
         z = bn.eval()(test_f)
-        acc = (100.0 * (torch.baddbmm(bias, z.expand(len(lrs), -1, -1), w).argmax(2) == test_y).float().mean(1)).tolist()
+        pred = torch.baddbmm(bias, z.expand(len(lrs), -1, -1), w).argmax(2)                  # (L, n_test)
+        acc = (100.0 * (pred == test_y).float().mean(1)).tolist()
     best = max(range(len(lrs)), key=lambda i: acc[i])
     return acc[best], lrs[best]
 
