@@ -73,7 +73,7 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
-    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of every class (0 = all)
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class; 0 = all
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -822,7 +822,8 @@ def train(cfg: Config):
         (images, box), _, idx = batch
         images = images.to(device, non_blocking=True)
         weights = patch_weights(store[idx.to(device, non_blocking=True)], box.to(device, non_blocking=True),
-                                cfg.patch_size) if amt_phase else torch.ones(len(images), N, device=device)  # (B, N)
+                                cfg.patch_size) if amt_phase else torch.ones(len(images), N, device=device)
+        # weights (B, N): the stored maps of the images' crops in the AMT phase, uniform in the MAE phase
         counts = (n_mask, n_throw) if amt_phase else (N - int(N * 0.25), 0)  # MAE's 75 %, keeps int(N/4)
         for g in opt.param_groups:
             g["lr"] = cosine_schedule(step, total, lr, 0.0, warmup=int(cfg.warmup_epochs * steps_per_epoch))

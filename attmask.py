@@ -73,7 +73,7 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
-    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of every class (0 = all)
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class; 0 = all
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -855,7 +855,8 @@ def train(cfg: Config):
         crops = [c.to(device, non_blocking=True) for c in batch[0]]
         for g in opt.param_groups:
             g["lr"] = cosine_schedule(step, total, lr, 1e-6, warmup=int(cfg.warmup_epochs * steps_per_epoch))
-        opt.param_groups[0]["weight_decay"] = cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
+        wd = cosine_schedule(step, total, cfg.weight_decay, cfg.weight_decay_end)
+        opt.param_groups[0]["weight_decay"] = wd
         if world > 1:  # DDP all-reduces the gradients only on the micro-batch that ends an optimizer step
             fwd.require_backward_grad_sync = micro == cfg.accum_iter - 1
         with ctx:
@@ -868,7 +869,8 @@ def train(cfg: Config):
                 model.head.v.grad = model.head.g.grad = None
             opt.step()
             opt.zero_grad(set_to_none=True)
-            ema_update(teacher_params, student_params, cosine_schedule(step, total, cfg.momentum_teacher, 1.0))
+            momentum = cosine_schedule(step, total, cfg.momentum_teacher, 1.0)
+            ema_update(teacher_params, student_params, momentum)
         return loss, stats, crops
 
     if cfg.benchmark:  # the step alone, on accum_iter micro-batches of device-made images

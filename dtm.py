@@ -78,7 +78,7 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
-    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of every class (0 = all)
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class; 0 = all
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -937,7 +937,8 @@ def train(cfg: Config):
                   f" ViT-B-16.pt); this run uses the {dict(ema='EMA', random='frozen random')[cfg.teacher]} teacher")
 
     fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # before DDP; we save `model`
-    targets = torch.compile(model.targets, **common.COMPILE) if cfg.compile else model.targets  # the teacher too
+    # the teacher's target function is compiled too
+    targets = torch.compile(model.targets, **common.COMPILE) if cfg.compile else model.targets
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -65,7 +65,7 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
-    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of every class (0 = all)
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class; 0 = all
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -795,7 +795,8 @@ def train(cfg: Config):
               f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
 
-    fwd, tgt = (torch.compile(m, **common.COMPILE) if cfg.compile else m for m in (model, target))  # before DDP
+    # compile before DDP
+    fwd, tgt = (torch.compile(m, **common.COMPILE) if cfg.compile else m for m in (model, target))
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -811,7 +812,7 @@ def train(cfg: Config):
         and online forward, backward; after the last of accum_iter, the optimizer step. The loop and
         --benchmark both run it."""
         views = [v.to(device, non_blocking=True) for v in (batch[0] if cfg.color_aug else [batch[0]])]
-        images, images_t = views if cfg.color_aug else views * 2      # online, target (no colour aug: one copy)
+        images, images_t = views if cfg.color_aug else views * 2  # online, target (no colour aug: one copy)
         for g in opt.param_groups:
             g["lr"] = cosine_schedule(step, total, lr, 0.0, warmup=int(cfg.warmup_epochs * steps_per_epoch))
         m = ema_momentum(step, total, cfg.ema_momentum)
