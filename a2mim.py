@@ -24,7 +24,8 @@ Deviations from the official code:
   - The frequency loss compares batch-MEAN spectra over each GPU's micro-batch (and a ResNet's BatchNorm
     sees one micro-batch), so it depends on the per-GPU batch, not only on the effective one, and
     --accum_iter is not exactly a bigger batch: the ViT-B preset averages the official 128 images (x accum 2);
-    256 per GPU would average 256 (more errors cancel in the mean: typically a smaller loss): not the same loss.
+    256 per GPU would average 256 (more errors cancel in the mean: typically a smaller loss):
+    not the same loss.
   - Crops resize bilinear as official; in-memory sets (all but ImageNet and large folders) are cropped in
     batches on the device (common.py: roi_align, area-averaged when a box shrinks, like PIL's antialiasing);
     ImageNet and large folders are decoded once per step in the main process (a reduced JPEG scale on the CPU
@@ -62,7 +63,8 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
-    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class; 0 = all
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class;
+                                   # 0 = all
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -95,37 +97,44 @@ class Config:
     spatial_loss: str = "focal_l1" # "focal_l1" (ResNet: e*tanh(0.1e)) or "l1" (ViT)
     freq_weight: float = 0.5       # lambda of the frequency loss (ResNet 0.5, ViT 0.1; 0 = baseline)
     unmask_weight: float = 1e-3    # live-prediction share of visible pixels in the FFT input (ResNet 1e-3)
-    step_epoch: float = 0.0        # >0: constant lr, x0.1 at this epoch (ViT ImageNet: 700 of 800); 0 = cosine
+    step_epoch: float = 0.0        # >0: constant lr, x0.1 at this epoch (ViT ImageNet: 700 of 800);
+                                   # 0 = cosine
 
 
 def preset(data: str, given: dict) -> dict:
     """ResNet or ViT recipe by --model. ImageNet: the released configs (lr 1.2e-3 / 4e-4 at 2048 = 8 x 256 or,
-    ViT-B, 8 x 128 x accum 2); small data: the spec's scaled recipe (lr 1.2e-3 / 5e-4 at 512); synthetic: CPU smoke."""
+    ViT-B, 8 x 128 x accum 2); small data: the spec's scaled recipe (lr 1.2e-3 / 5e-4 at 512);
+    synthetic: CPU smoke."""
     vit = given.get("model", "") in VIT_SIZES
-    fam = dict(spatial_loss="l1", freq_weight=0.1, unmask_weight=0.0, mask_layer=0, mask_gamma=0.0) if vit else {}
-    small = dict(fam, model="vit_tiny" if vit else "resnet18", img_size=32, patch_size=4, mask_patch=4, epochs=200,
-                 batch_size=512, blr=2.5e-4 if vit else 6e-4, weight_decay=0.05, warmup_epochs=10)
-    big = (dict(model="vit_base", epochs=800, blr=5e-5, step_epoch=700.0, batch_size=128, accum_iter=2) if vit else
-           dict(model="resnet50", epochs=300, blr=1.5e-4, batch_size=256, gate_like_token=False))  # the 300-epoch
-    imnet = dict(small, img_size=224, patch_size=16, mask_patch=32, **big)  # config; both 2048 a step on 8 GPUs
+    fam = (dict(spatial_loss="l1", freq_weight=0.1, unmask_weight=0.0, mask_layer=0, mask_gamma=0.0) if vit
+           else {})
+    small = dict(fam, model="vit_tiny" if vit else "resnet18", img_size=32, patch_size=4, mask_patch=4,
+                 epochs=200, batch_size=512, blr=2.5e-4 if vit else 6e-4, weight_decay=0.05, warmup_epochs=10)
+    big = (dict(model="vit_base", epochs=800, blr=5e-5, step_epoch=700.0, batch_size=128, accum_iter=2)
+           if vit else  # the 300-epoch config;
+           dict(model="resnet50", epochs=300, blr=1.5e-4, batch_size=256, gate_like_token=False))
+    imnet = dict(small, img_size=224, patch_size=16, mask_patch=32, **big)  # both 2048 a step on 8 GPUs
     return {"imagenet": imnet, "folder": {**imnet, "model": "vit_small" if vit else "resnet50"},
             "cifar10": small, "cifar100": small, "fashion-mnist": small,
             "stl10": {**small, "img_size": 96, "patch_size": 8, "mask_patch": 16},
             "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8, "mask_patch": 8},
-            "synthetic": {**small, "model": "vit_micro" if vit else "resnet_micro", "epochs": 5, "batch_size": 64,
-                          "blr": 1e-3, "warmup_epochs": 0.5, "vis_every": 50}}[data]  # bare command: ~1 min
+            # bare command: ~1 min
+            "synthetic": {**small, "model": "vit_micro" if vit else "resnet_micro", "epochs": 5,
+                          "batch_size": 64, "blr": 1e-3, "warmup_epochs": 0.5, "vis_every": 50}}[data]
 
 def check_config(cfg: Config):
-    """Every flag in its range and the combinations this file needs, at parse time: one line, nothing written."""
+    """Every flag in its range and the combinations this file needs, at parse time:
+    one line, nothing written."""
     c = common
     c.check_fields(cfg, {
         "model": c.one_of(*RESNETS, *VIT_SIZES), "mask_patch": c.at_least(1), "mask_ratio": c.fraction(),
         "mask_layer": c.at_least(0), "fill": c.one_of("mean", "zero"), "mask_gamma": c.at_least(0),
-        "spatial_loss": c.one_of("focal_l1", "l1"), "freq_weight": c.at_least(0), "unmask_weight": c.at_least(0),
-        "step_epoch": c.at_least(0)})
+        "spatial_loss": c.one_of("focal_l1", "l1"), "freq_weight": c.at_least(0),
+        "unmask_weight": c.at_least(0), "step_epoch": c.at_least(0)})
     if cfg.model in VIT_SIZES:
         if cfg.img_size % cfg.patch_size:
-            die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; pick sizes that divide")
+            die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; "
+                "pick sizes that divide")
         depth, inj = VIT_SIZES[cfg.model][1], cfg.patch_size
     else:
         with torch.device("meta"):  # the stage strides of this stem, no memory
@@ -148,7 +157,8 @@ def parse_config(argv=None) -> Config:
             die(f"unknown argument {arg!r}; valid flags: " + " ".join(f"--{k}" for k in fields))
         typ = fields[key]
         if not eq:
-            val = "1" if typ is bool and (not args or args[0].startswith("--")) else (args.pop(0) if args else "")
+            val = ("1" if typ is bool and (not args or args[0].startswith("--"))
+                   else (args.pop(0) if args else ""))
         try:
             if typ is bool:
                 given[key] = {"1": True, "true": True, "0": False, "false": False}[val.lower()]
@@ -193,7 +203,8 @@ def sincos_pos_embed(dim, gh, gw, device=None):
     """Fixed 2-D sin-cos positions (MAE layout): first half of the channels encodes the column, second
     half the row; each half is [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
+                                indexing="ij")
 
     def enc(p):  # (N,) -> (N, dim/2)
         a = p.flatten().double()[:, None] * omega[None]
@@ -224,7 +235,8 @@ class Attention(nn.Module):
 
     def forward(self, x, return_attn=False):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        # 3 x (B, h, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, T, hd)
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
@@ -272,7 +284,8 @@ class ViT(nn.Module):
                  layer_scale=0.0, cls_token=True):
         super().__init__()
         if img_size % patch_size:
-            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; pick sizes that divide")
+            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; "
+                "pick sizes that divide")
         self.patch_size, self.dim, self.grid = patch_size, dim, img_size // patch_size
         self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -326,7 +339,8 @@ def build_vit(name, img_size, patch_size, **kw):
 # <<< shared: vit
 
 
-RESNETS = {"resnet_micro": (False, (1, 1, 1, 1), 32), "resnet18": (False, (2, 2, 2, 2), 64),  # micro: tests, smoke
+RESNETS = {"resnet_micro": (False, (1, 1, 1, 1), 32),  # micro: tests, smoke
+           "resnet18": (False, (2, 2, 2, 2), 64),
            "resnet50": (True, (3, 4, 6, 3), 64)}  # name: (bottleneck?, blocks per stage, stem width)
 
 
@@ -335,14 +349,17 @@ def res_block(cin, width, stride, bottleneck):
     cout = width * (4 if bottleneck else 1)
     convs = [(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)] if bottleneck else \
         [(cin, width, 3, stride), (width, cout, 3, 1)]
-    layers = sum([[nn.Conv2d(a, b, k, s, k // 2, bias=False), nn.BatchNorm2d(b), nn.ReLU()] for a, b, k, s in convs], [])
+    layers = sum([[nn.Conv2d(a, b, k, s, k // 2, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
+                  for a, b, k, s in convs], [])
     nn.init.zeros_(layers[-2].weight)  # the branch starts at zero (mmcls zero_init_residual)
-    short = [] if stride == 1 and cin == cout else [nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)]
+    short = ([] if stride == 1 and cin == cout
+             else [nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)])
     return nn.ModuleDict({"branch": nn.Sequential(*layers[:-1]), "shortcut": nn.Sequential(*short)})
 
 
 class ResNet(nn.Module):
-    """mmcls-style ResNet, ImageNet stem (7x7/2 + pool) or CIFAR stem (3x3/1) at <= 64 px; inject() at stage `at`."""
+    """mmcls-style ResNet, ImageNet stem (7x7/2 + pool) or CIFAR stem (3x3/1) at <= 64 px;
+    inject() at stage `at`."""
 
     def __init__(self, name, img_size):
         super().__init__()
@@ -351,12 +368,15 @@ class ResNet(nn.Module):
         c, e = img_size <= 64, 4 if bottleneck else 1                    # CIFAR stem?, channel expansion
         self.stem = nn.Sequential(nn.Conv2d(3, w, 3 if c else 7, 1 if c else 2, 1 if c else 3, bias=False),
                                   nn.BatchNorm2d(w), nn.ReLU(), *([] if c else [nn.MaxPool2d(3, 2, 1)]))
-        self.strides, self.stride = ([1, 1, 2, 4], 8) if c else ([4, 4, 8, 16], 32)  # at each stage input; output
+        # at each stage input; output
+        self.strides, self.stride = ([1, 1, 2, 4], 8) if c else ([4, 4, 8, 16], 32)
         self.dims, self.dim = [w, w * e, 2 * w * e, 4 * w * e], 8 * w * e  # channels likewise; 512 / 2048
-        self.stages = nn.ModuleList(nn.ModuleList(res_block(self.dims[i] if j == 0 else w * 2 ** i * e, w * 2 ** i,
-                                                            2 if i > 0 and j == 0 else 1, bottleneck) for j in range(n))
-                                    for i, n in enumerate(layers))
-        self.apply(lambda m: nn.init.kaiming_normal_(m.weight, mode="fan_out") if isinstance(m, nn.Conv2d) else None)
+        self.stages = nn.ModuleList(
+            nn.ModuleList(res_block(self.dims[i] if j == 0 else w * 2 ** i * e, w * 2 ** i,
+                                    2 if i > 0 and j == 0 else 1, bottleneck) for j in range(n))
+            for i, n in enumerate(layers))
+        self.apply(lambda m: (nn.init.kaiming_normal_(m.weight, mode="fan_out") if isinstance(m, nn.Conv2d)
+                              else None))
 
     def forward(self, x, inject=None, at=3):
         x = self.stem(x)                                                   # (B, w, H/s, W/s)
@@ -371,8 +391,10 @@ class ResNet(nn.Module):
 # Masking
 
 def cell_mask(noise, n_mask):
-    """Exactly n_mask random cells per image (Sec. 3): the n_mask lowest noise (B, cells) -> (B, cells) bool."""
-    return torch.zeros_like(noise, dtype=torch.bool).scatter(1, noise.argsort(1)[:, :n_mask], True)  # (B, cells)
+    """Exactly n_mask random cells per image (Sec. 3):
+    the n_mask lowest noise (B, cells) -> (B, cells) bool."""
+    # (B, cells)
+    return torch.zeros_like(noise, dtype=torch.bool).scatter(1, noise.argsort(1)[:, :n_mask], True)
 
 
 def expand_mask(mask, r):
@@ -388,7 +410,8 @@ def fill_cells(images, mask, fill="mean"):
     """The input: hidden cells take each image's per-channel mean over ALL its pixels (pitfall 5), or 0
     (baseline). The targets are the untouched normalized image and its spectrum (no per-patch norm)."""
     pix = expand_mask(mask, images.shape[-1] // math.isqrt(mask.shape[1]))[:, None]  # (B, 1, H, W)
-    value = images.mean(dim=(2, 3), keepdim=True) if fill == "mean" else torch.zeros_like(images[:, :, :1, :1])
+    value = (images.mean(dim=(2, 3), keepdim=True) if fill == "mean"
+             else torch.zeros_like(images[:, :, :1, :1]))
     return torch.where(pix, value, images)                                 # (B, 3, H, W)
 
 
@@ -425,16 +448,21 @@ class Model(nn.Module):
             die(f"--fill takes mean|zero, --spatial_loss l1|focal_l1; got {cfg.fill}, {cfg.spatial_loss}")
         if self.resnet:
             self.encoder = enc = ResNet(cfg.model, cfg.img_size)
-            depth, shape, inj, dim, stride = 4, (1, enc.dims[L % 4], 1, 1), enc.strides[L % 4], enc.dim, enc.stride
+            depth, shape, inj, dim, stride = (4, (1, enc.dims[L % 4], 1, 1), enc.strides[L % 4],
+                                              enc.dim, enc.stride)
         else:  # SimMIM's ViT: layer scale 0.1, drop path 0.1 (Sec. 2.3)
-            self.encoder = enc = build_vit(cfg.model, cfg.img_size, cfg.patch_size, drop_path=0.1, layer_scale=0.1)
-            depth, shape, inj, dim, stride = len(enc.blocks), (1, 1, enc.dim), cfg.patch_size, enc.dim, cfg.patch_size
+            self.encoder = enc = build_vit(cfg.model, cfg.img_size, cfg.patch_size, drop_path=0.1,
+                                           layer_scale=0.1)
+            depth, shape, inj, dim, stride = (len(enc.blocks), (1, 1, enc.dim), cfg.patch_size,
+                                              enc.dim, cfg.patch_size)
         if p <= 0 or cfg.img_size % p or p % inj or L not in range(depth):
-            die(f"--img_size {cfg.img_size} must be a multiple of --mask_patch {p}, that of the stride {inj} at "
-                f"--mask_layer {L}, and that in 0..{depth - 1} (ResNet: stage, ViT: blocks before the token)")
+            die(f"--img_size {cfg.img_size} must be a multiple of --mask_patch {p}, "
+                f"that of the stride {inj} at --mask_layer {L}, "
+                f"and that in 0..{depth - 1} (ResNet: stage, ViT: blocks before the token)")
         self.rep = p // inj                                                # map positions per cell side
         self.mask_token = nn.Parameter(nn.init.trunc_normal_(torch.zeros(shape), std=0.02))
-        self.mask_gamma = nn.Parameter(torch.full(shape, cfg.mask_gamma)) if self.resnet and cfg.mask_gamma else None
+        self.mask_gamma = (nn.Parameter(torch.full(shape, cfg.mask_gamma)) if self.resnet and cfg.mask_gamma
+                           else None)
         self.decoder = nn.Sequential(nn.Conv2d(dim, stride ** 2 * 3, 1), nn.PixelShuffle(stride))  # Sec. 2.4
         nn.init.trunc_normal_(self.decoder[0].weight, std=0.02), nn.init.zeros_(self.decoder[0].bias)
 
@@ -445,7 +473,8 @@ class Model(nn.Module):
         x = fill_cells(images, mask, cfg.fill)                             # (B, 3, H, W)
         mm = expand_mask(mask, self.rep)                                   # (B, h, w) grid at the injection
         if self.resnet:
-            feat = self.encoder(x, lambda f: add_mask_token(f, mm, self.mask_token, self.mask_gamma), cfg.mask_layer)
+            feat = self.encoder(x, lambda f: add_mask_token(f, mm, self.mask_token, self.mask_gamma),
+                                cfg.mask_layer)
         else:
             z = vit_encode(self.encoder, x, mm, self.mask_token, cfg.mask_layer)[:, 1:]  # (B, N, D)
             feat = z.transpose(1, 2).unflatten(2, mm.shape[1:])            # (B, D, gh, gw)
@@ -454,13 +483,16 @@ class Model(nn.Module):
     def forward(self, images, noise=None):
         cfg, (_, pred, mask) = self.cfg, self.reconstruct(images, noise)
         pix = expand_mask(mask, cfg.mask_patch)[:, None]                   # (B, 1, H, W) loss region
-        loss, l_spa, l_freq = a2mim_loss(pred, images, pix, cfg.spatial_loss, cfg.freq_weight, cfg.unmask_weight)
+        loss, l_spa, l_freq = a2mim_loss(pred, images, pix, cfg.spatial_loss, cfg.freq_weight,
+                                         cfg.unmask_weight)
         return loss, {"spatial": l_spa.detach(), "freq": l_freq.detach()}
 
     @torch.no_grad()
     def visualize(self, images, path):
-        """Rows: original, mean-filled input, prediction, centred log-amplitude spectra of prediction and target."""
-        mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in common.DATASETS[self.cfg.data][2])
+        """Rows: original, mean-filled input, prediction,
+        centred log-amplitude spectra of prediction and target."""
+        mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1)
+                     for v in common.DATASETS[self.cfg.data][2])
         with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
             x, pred, _ = self.eval().reconstruct(images[:8].float())
         rows = [(t.float() * std + mean).clamp(0, 1) for t in (images[:8], x, pred)]
@@ -476,8 +508,9 @@ class Model(nn.Module):
 # Loss
 
 def focal_frequency_loss(pred, target):
-    """Sec. 4 steps 2-6: batch-averaged orthonormal 2-D spectra (pitfall 8; the DFT is linear: one FFT of the batch
-    mean), squared complex distance weighted by log(1 + |D|) / its max, clipped to [0, 1], detached. -> scalar"""
+    """Sec. 4 steps 2-6: batch-averaged orthonormal 2-D spectra (pitfall 8; the DFT is linear: one FFT of
+    the batch mean), squared complex distance weighted by log(1 + |D|) / its max, clipped to [0, 1], detached.
+    -> scalar"""
     D = torch.fft.fft2((pred - target).mean(0), norm="ortho")             # (C, H, W) complex
     dist = D.real ** 2 + D.imag ** 2                                       # (C, H, W)
     w = dist.sqrt().log1p().detach()
@@ -485,14 +518,17 @@ def focal_frequency_loss(pred, target):
 
 
 def a2mim_loss(pred, target, pix_mask, spatial="l1", freq_weight=0.1, unmask_weight=0.0):
-    """Sec. 4. pred, target (B, 3, H, W) normalized; pix_mask (B, 1, H, W), True = hidden -> fp32 (loss, spa, freq)"""
+    """Sec. 4. pred, target (B, 3, H, W) normalized; pix_mask (B, 1, H, W), True = hidden
+    -> fp32 (loss, spa, freq)"""
     pred, target, m = pred.float(), target.float(), pix_mask.float()  # fp32 even under autocast (pitfall 13)
-    e = (pred - target).abs()  # ResNet "focal L1": e (2 sigmoid(0.2 e) - 1) = e tanh(0.1 e) ~ 0.1 e^2 (pitfall 7)
+    # ResNet "focal L1": e (2 sigmoid(0.2 e) - 1) = e tanh(0.1 e) ~ 0.1 e^2 (pitfall 7)
+    e = (pred - target).abs()
     err = e * torch.tanh(0.1 * e) if spatial == "focal_l1" else e
     l_spa = (err * m).sum() / (m.sum() + 1e-5) / pred.shape[1]             # mean over hidden pixels x 3
     if not freq_weight:  # baseline --freq_weight 0: the frequency term is not computed (logged as 0)
         return l_spa, l_spa, torch.zeros_like(l_spa)
-    m2 = m + (1 - m) * unmask_weight  # FFT input: live pred (hidden), (sg(pred) + target) / 2 (visible), pitfall 9
+    # FFT input: live pred (hidden), (sg(pred) + target) / 2 (visible), pitfall 9
+    m2 = m + (1 - m) * unmask_weight
     l_freq = focal_frequency_loss(pred * m2 + (0.5 * pred.detach() + 0.5 * target) * (1 - m2), target)
     return l_spa + freq_weight * l_freq, l_spa, l_freq
 
@@ -504,7 +540,8 @@ class Pool(nn.Module):
 
 
 def load_encoder(ckpt, random_init=False):
-    """Checkpoint dict -> frozen encoder module giving the probe features; random_init: same shape, untrained."""
+    """Checkpoint dict -> frozen encoder module giving the probe features;
+    random_init: same shape, untrained."""
     model = Model(Config(**ckpt["config"]))
     if not random_init:
         model.load_state_dict(ckpt["model"])
@@ -521,7 +558,8 @@ def setup_distributed(device_flag):
     if device_flag == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA device is visible; use --device cpu")
     if "RANK" in os.environ:
-        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                              int(os.environ["WORLD_SIZE"]))
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -544,7 +582,8 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
 
 def param_groups(model, weight_decay, skip=()):
     """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
-    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
+    the parameters whose last name part is in `skip`
+    (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -587,8 +626,8 @@ class resuming:
 
     def __exit__(self, kind, err, tb):
         if kind is not None and issubclass(kind, (RuntimeError, ValueError, KeyError)):
-            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); resume with "
-                "the settings it was saved with (warning above) or pick a new --out_dir")
+            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); "
+                "resume with the settings it was saved with (warning above) or pick a new --out_dir")
 
 
 def nonfinite_error(step, path):
@@ -602,7 +641,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or choose another --out_dir")
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+            "delete it or choose another --out_dir")
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         die(f"{path} is not a checkpoint of this collection; choose another --out_dir")
     if ckpt["method"] != METHOD:
@@ -614,7 +654,8 @@ class Logger:
     """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl (no files: out_dir "")."""
 
     def __init__(self, out_dir, master):
-        self.master, self.out_dir = master, out_dir  # the folder is made at the first line: none on a failed start
+        # the folder is made at the first line: none on a failed start
+        self.master, self.out_dir = master, out_dir
 
     def print(self, msg):
         if self.master:
@@ -638,7 +679,8 @@ def peak_memory_gb(device):
 
 
 _stop_signal = []  # set by SIGTERM: save and leave after this step
-STOP_GRACE_S = 60  # after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+# after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+STOP_GRACE_S = 60
 
 
 def _on_sigterm(signum, frame):
@@ -654,14 +696,16 @@ def _hard_exit(why):
 def _watch_sigterm(fd):
     """A thread that sees every SIGTERM even while the main thread is stuck in C (a collective whose
     peer died, a hung loader): the interpreter writes the signal number to `fd` as it arrives. The first
-    starts the grace timer; one more, 2 s or later (torchrun forwards the scheduler's copy at once), ends it."""
+    starts the grace timer; one more, 2 s or later
+    (torchrun forwards the scheduler's copy at once), ends it."""
     first = None
     while True:
         if signal.SIGTERM not in os.read(fd, 64):
             continue
         if first is None:
             first = time.time()
-            timer = threading.Timer(STOP_GRACE_S, _hard_exit, [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
+            timer = threading.Timer(STOP_GRACE_S, _hard_exit,
+                                    [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
             timer.daemon = True
             timer.start()
         elif time.time() - first > 2:
@@ -708,7 +752,8 @@ class RunControl:
             self.t_save = time.time()
         if self.world > 1:  # after the reset above, so one save request is not sent twice
             mine = self.mine()
-            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
+            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                            mine)
         return bool(flags[0] > 0), bool(flags[1] > 0)
 # dense bf16 tensor-core peak of one GPU in TFLOP/s (vendor sheets), the first name fragment that matches
 PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362),
@@ -721,7 +766,8 @@ def count_flops(modules, loss_fn, ctx):
     import copy
     from torch.utils.flop_counter import FlopCounterMode
     copies = copy.deepcopy(modules)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = ([torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized()
+               else [])
     with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
         with ctx:
             loss = loss_fn(*copies)
@@ -752,7 +798,8 @@ def lr_at(cfg, step, total, base, warm, steps_per_epoch):
     """One group's lr: warm-up from 0 to `base`, then cosine to 1e-5, the floor of EVERY group (mmcv's
     min_lr is absolute: the 0.1x token group ends at 1e-5 too); ViT ImageNet: constant, x0.1 at step_epoch."""
     if cfg.step_epoch:
-        return cosine_schedule(step, total, base, base, warm) * 0.1 ** (step >= cfg.step_epoch * steps_per_epoch)
+        return (cosine_schedule(step, total, base, base, warm)
+                * 0.1 ** (step >= cfg.step_epoch * steps_per_epoch))
     return cosine_schedule(step, total, base, 1e-5, warm)
 
 
@@ -768,11 +815,12 @@ def train(cfg: Config):
     dataset = (common.build_dataset(cfg.data, cfg.data_dir, True, subset=cfg.subset, img_size=cfg.img_size)
                if not cfg.benchmark else  # --benchmark: random images made on the device
                common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
-    scale = (0.67 if cfg.model in VIT_SIZES else 0.8, 1.0)                    # crops resize bilinear (official)
+    # crops resize bilinear (official)
+    scale = (0.67 if cfg.model in VIT_SIZES else 0.8, 1.0)
     transform = common.mim_transform(cfg.data, cfg.img_size, scale=scale, interpolation="bilinear")
     batched = common.BatchCrop(cfg.data, cfg.img_size, scale=scale, interpolation="bilinear")
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
-                                batched=batched, device=device)
+    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world,
+                                cfg.num_workers, batched=batched, device=device)
     eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
     steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
     if steps_per_epoch == 0 or cfg.accum_iter < 1:
@@ -786,7 +834,8 @@ def train(cfg: Config):
     if model.resnet and device.type == "cuda":  # SyncBN (PyTorch has none on CPU), NHWC convolutions
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device, memory_format=torch.channels_last)
     lr = cfg.blr * eff_batch / 256
-    groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay, skip=("cls_token",))
+    groups = param_groups(nn.ModuleList([model.encoder, model.decoder]), cfg.weight_decay,
+                          skip=("cls_token",))
     gate = [model.mask_gamma] if model.mask_gamma is not None else []
     groups.append({"params": [model.mask_token] + (gate if cfg.gate_like_token else []),  # Sec. 5.1
                    "weight_decay": 0.0, "lr_scale": 0.1 if model.resnet else 1.0})
@@ -799,8 +848,9 @@ def train(cfg: Config):
     if os.path.exists(path) and not cfg.benchmark:  # a benchmark starts afresh and saves nothing
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
-                                                            "save_every_min", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every",
+                                                            "knn_every", "save_every_min", "device",
+                                                            "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         with resuming(path):  # a checkpoint that no longer fits these settings: one line
@@ -819,7 +869,8 @@ def train(cfg: Config):
             dist.destroy_process_group()
         return
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
+    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} "
+              f"| params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
     log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
               f"(the paper's ImageNet runs: 2048 = 8 GPUs x 256, ViT-B 8 x 128 x accum 2)"
@@ -828,7 +879,8 @@ def train(cfg: Config):
 
     fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # before DDP; we save `model`
     if world > 1:
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = nn.parallel.DistributedDataParallel(
+            fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(epoch):
         state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
@@ -887,7 +939,8 @@ def train(cfg: Config):
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
                 model.visualize(images, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
             stop_now, save_now = control()
-            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0 or stop_now or save_now:
+            if (step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0
+                    or stop_now or save_now):
                 flags = torch.stack([bad_step.float(), torch.tensor(float(stop_now), device=device)])
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -896,11 +949,12 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     lr_now = opt.param_groups[0]["lr"]  # the base lr (the mask token's group may be x0.1)
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(),
+                           "lr": lr_now, "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
-                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
-                              f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
+                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | "
+                              f"lr {lr_now:.1e} | {row['ms']:.0f} ms | {row['img_s']:.0f} img/s | "
+                              f"data {100 * row['data']:.0f}%"
                               + "".join(f" | {k} {row[k]:.4g}" for k in stats))
                     log.metrics(row)
                     t_log, data_wait, log_steps = time.time(), 0.0, 0
@@ -917,13 +971,15 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        # not in the log's img/s
         t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
-            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)
 
     wall = time.time() - t_start
     imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
     flops = count_flops((model,), lambda m: m(images)[0], ctx)  # the last step again, untimed
-    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
+    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total"
+              f" | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
               + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:

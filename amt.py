@@ -40,7 +40,8 @@ Run:
     torchrun --nproc_per_node=8 amt.py --data imagenet --data_dir /path/to/imagenet
     python amt.py --data cifar10 --amt off                           # the MAE baseline, same recipe
     python amt.py --data cifar10 --mask_ratio 0.75 --throw_ratio 0   # attention-driven masking only
-    python amt.py --data imagenet --benchmark 20                     # the step alone, AMT vs MAE phase; no data
+    python amt.py --data imagenet --benchmark 20
+        # the step alone, AMT vs MAE phase; no data
 """
 import dataclasses
 import json
@@ -73,7 +74,8 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
-    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class; 0 = all
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class;
+                                   # 0 = all
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -96,11 +98,14 @@ class Config:
     peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     benchmark: int = 0             # time N optimizer steps on device-made images, no files (0 = train)
     # <<< shared: config
-    amt: str = "on"                # on: AMT after epoch amt_start; off: plain MAE throughout (the paper's baseline)
+    amt: str = "on"                # on: AMT after epoch amt_start; off: plain MAE throughout
+                                   # (the paper's baseline)
     mask_ratio: float = 0.45       # AMT: fraction of patches masked = reconstructed (official 0.45)
     throw_ratio: float = 0.40      # AMT: fraction thrown away (official 0.40; 0 = the masking-only ablation)
-    amt_start: int = 0             # last plain-MAE epoch (0-indexed; -1: none, maps of the initial weights) (paper 40)
-    refresh_every: int = 1         # epochs between attention refreshes, the first after epoch amt_start (paper 40)
+    amt_start: int = 0             # last plain-MAE epoch (0-indexed; -1: none, maps of the initial weights)
+                                   # (paper 40)
+    refresh_every: int = 1         # epochs between attention refreshes, the first after epoch amt_start
+                                   # (paper 40)
     dec_dim: int = 512             # decoder width (paper 512)
     dec_depth: int = 8             # decoder blocks (paper 8)
     dec_heads: int = 16            # decoder heads (paper 16)
@@ -119,28 +124,33 @@ def preset(data: str, given: dict) -> dict:
          "stl10": {**small, "img_size": 96, "patch_size": 8, "batch_size": 256},
          "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8},
          "folder": {**small, "img_size": 224, "patch_size": 16, "model": "vit_small", "batch_size": 128},
-         "synthetic": {**small, "model": "vit_micro", "epochs": 5, "batch_size": 64, "blr": 1e-3, "dec_dim": 64,
-                       "dec_depth": 2, "warmup_epochs": 0.5, "amt_start": 0, "refresh_every": 2,
-                       "vis_every": 50}}[data]  # the bare command: about a minute on 2 CPU cores
+         # the bare command: about a minute on 2 CPU cores
+         "synthetic": {**small, "model": "vit_micro", "epochs": 5, "batch_size": 64, "blr": 1e-3,
+                       "dec_dim": 64, "dec_depth": 2, "warmup_epochs": 0.5, "amt_start": 0,
+                       "refresh_every": 2, "vis_every": 50}}[data]
     tenth = max(1, given.get("epochs", p["epochs"]) // 10)
     return {"warmup_epochs": tenth, "amt_start": tenth, "refresh_every": tenth, **p}
 
 def check_config(cfg: Config):
-    """Every flag in its range and the combinations this file needs, at parse time: one line, nothing written."""
+    """Every flag in its range and the combinations this file needs, at parse time:
+    one line, nothing written."""
     c = common
     c.check_fields(cfg, {
         "model": c.one_of(*VIT_SIZES), "amt": c.one_of("on", "off"), "mask_ratio": c.fraction(),
-        "throw_ratio": c.between(0, 1, open_hi=True), "amt_start": c.at_least(-1), "refresh_every": c.at_least(1),
-        "dec_dim": c.at_least(1), "dec_depth": c.at_least(1), "dec_heads": c.at_least(1)})
+        "throw_ratio": c.between(0, 1, open_hi=True), "amt_start": c.at_least(-1),
+        "refresh_every": c.at_least(1), "dec_dim": c.at_least(1), "dec_depth": c.at_least(1),
+        "dec_heads": c.at_least(1)})
     if cfg.img_size % cfg.patch_size:
-        die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; pick sizes that divide")
+        die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; "
+            "pick sizes that divide")
     if cfg.dec_dim % cfg.dec_heads:
         die(f"--dec_dim {cfg.dec_dim} is not a multiple of --dec_heads {cfg.dec_heads}")
     N = (cfg.img_size // cfg.patch_size) ** 2
     n_mask, n_throw = mask_counts(N, cfg.mask_ratio, cfg.throw_ratio)
     if not (0 < n_mask and n_mask + n_throw < N):
         die(f"--mask_ratio {cfg.mask_ratio} --throw_ratio {cfg.throw_ratio} leave {n_mask} masked and "
-            f"{max(0, N - n_mask - n_throw)} visible of {N} patches; both need at least one (e.g. 0.45 and 0.40)")
+            f"{max(0, N - n_mask - n_throw)} visible of {N} patches; "
+            "both need at least one (e.g. 0.45 and 0.40)")
 
 # >>> shared: parse_config
 def parse_config(argv=None) -> Config:
@@ -155,7 +165,8 @@ def parse_config(argv=None) -> Config:
             die(f"unknown argument {arg!r}; valid flags: " + " ".join(f"--{k}" for k in fields))
         typ = fields[key]
         if not eq:
-            val = "1" if typ is bool and (not args or args[0].startswith("--")) else (args.pop(0) if args else "")
+            val = ("1" if typ is bool and (not args or args[0].startswith("--"))
+                   else (args.pop(0) if args else ""))
         try:
             if typ is bool:
                 given[key] = {"1": True, "true": True, "0": False, "false": False}[val.lower()]
@@ -200,7 +211,8 @@ def sincos_pos_embed(dim, gh, gw, device=None):
     """Fixed 2-D sin-cos positions (MAE layout): first half of the channels encodes the column, second
     half the row; each half is [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
+                                indexing="ij")
 
     def enc(p):  # (N,) -> (N, dim/2)
         a = p.flatten().double()[:, None] * omega[None]
@@ -231,7 +243,8 @@ class Attention(nn.Module):
 
     def forward(self, x, return_attn=False):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        # 3 x (B, h, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, T, hd)
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
@@ -279,7 +292,8 @@ class ViT(nn.Module):
                  layer_scale=0.0, cls_token=True):
         super().__init__()
         if img_size % patch_size:
-            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; pick sizes that divide")
+            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; "
+                "pick sizes that divide")
         self.patch_size, self.dim, self.grid = patch_size, dim, img_size // patch_size
         self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -346,14 +360,16 @@ def mask_counts(n, mask_ratio, throw_ratio):
 def draw_order(weights):
     """(B, N) weights >= 0 -> (B, N) patch indices in the order of successive draws without replacement, each
     taking a remaining patch with probability w_i / sum(remaining w): sorting w_i / E_i, E_i ~ Exp(1), has
-    that law (torch.multinomial does it on CPU). Zero weights come last; an all-zero row is drawn uniformly."""
+    that law (torch.multinomial does it on CPU).
+    Zero weights come last; an all-zero row is drawn uniformly."""
     w = torch.where(weights.sum(1, keepdim=True) > 0, weights.float(), 1.0)
     return (w / torch.empty_like(w).exponential_()).argsort(dim=1, descending=True)  # (B, N)
 
 
 def split_order(order, n_mask, n_throw):
     """Official amt_masking_throwing: the first n_mask drawn are masked, the next n_throw thrown, the rest
-    visible -> mask, throw (B, N) bool; vis (B, K) visible indices; keep (B, N - n_throw) non-thrown, raster."""
+    visible -> mask, throw (B, N) bool; vis (B, K) visible indices;
+    keep (B, N - n_throw) non-thrown, raster."""
     head = n_mask + n_throw
     pos = order.argsort(1)                                             # (B, N) draw position of each patch
     keep = torch.cat([order[:, :n_mask], order[:, head:]], 1).sort(1).values  # (B, N - n_throw)
@@ -362,7 +378,8 @@ def split_order(order, n_mask, n_throw):
 
 def patch_weights(maps, box, patch_size):
     """Official amtdatasets.py + patchify_map: stored maps (B, gh, gw) of the whole image follow the image
-    through its crop box and flip (bilinear, pixel resolution), summed per patch -> (B, N) sampling weights."""
+    through its crop box and flip (bilinear, pixel resolution),
+    summed per patch -> (B, N) sampling weights."""
     B, gh, gw = maps.shape
     m = common.crop_map(maps, box, (gh * patch_size, gw * patch_size))  # (B, H, W)
     return m.view(B, gh, patch_size, gw, patch_size).sum((2, 4)).flatten(1)  # (B, N)
@@ -401,7 +418,8 @@ class Model(nn.Module):
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))        # starts every masked and thrown slot
         self.decoder = nn.ModuleList(Block(Dd, cfg.dec_heads) for _ in range(cfg.dec_depth))
-        self.decoder_norm, self.decoder_pred = nn.LayerNorm(Dd, eps=1e-6), nn.Linear(Dd, cfg.patch_size ** 2 * 3)
+        self.decoder_norm, self.decoder_pred = (nn.LayerNorm(Dd, eps=1e-6),
+                                                nn.Linear(Dd, cfg.patch_size ** 2 * 3))
         self.register_buffer("dec_pos", sincos_pos_embed(Dd, g, g)[None], persistent=False)  # (1, N, Dd)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder.modules()]:
             if isinstance(m, nn.Linear):  # MAE init: xavier-uniform linears, zero biases
@@ -423,7 +441,8 @@ class Model(nn.Module):
     def forward(self, images, weights, n_mask, n_throw):
         mask, throw, vis, keep = split_order(draw_order(weights), n_mask, n_throw)
         pred = self.decode(self.encoder(images, keep=vis), vis, keep)  # (B, N - T, P), encoder on 1 + K
-        target = patchify(images, self.cfg.patch_size).gather(1, keep[..., None].expand_as(pred))  # (B, N - T, P)
+        # (B, N - T, P)
+        target = patchify(images, self.cfg.patch_size).gather(1, keep[..., None].expand_as(pred))
         loss = amt_loss(pred, target, mask.gather(1, keep), self.cfg.norm_pix_loss)
         seen = (~(mask | throw)).float()  # stat: how much more attention the masked patches carry
         ratio = (weights * mask).sum() / mask.sum() / ((weights * seen).sum() / seen.sum()).clamp_min(1e-12)
@@ -437,7 +456,8 @@ def visualize(cfg, images, weights, out, path):
     n, p, g = min(8, len(images)), cfg.patch_size, cfg.img_size // cfg.patch_size
     pred, mask, throw, keep = (t[:n].float() if t.is_floating_point() else t[:n] for t in out)
     mean, std = (torch.tensor(s, device=images.device).view(1, 3, 1, 1) for s in common.DATASETS[cfg.data][2])
-    up = lambda v: F.interpolate(v.view(n, 1, g, g).float(), scale_factor=p).expand(-1, 3, -1, -1)  # (n, 3, H, W)
+    # (n, 3, H, W)
+    up = lambda v: F.interpolate(v.view(n, 1, g, g).float(), scale_factor=p).expand(-1, 3, -1, -1)
     t = patchify(images[:n].float(), p)                                # (n, N, P)
     full = t.scatter(1, keep[..., None].expand_as(pred), pred)         # (n, N, P) predictions, raster order
     if cfg.norm_pix_loss:  # undo the target normalisation with the true patch statistics
@@ -445,7 +465,8 @@ def visualize(cfg, images, weights, out, path):
     full = torch.where(mask[..., None], full, t)                      # masked: predicted, others: the input
     full = full.view(n, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(n, 3, g * p, g * p)  # unpatchify
     recon = torch.where(up(throw) > 0, 0.0, full * std + mean)
-    rows = [images[:n].float() * std + mean, up(weights[:n] / weights[:n].amax(1, keepdim=True)), up(mask + throw / 2)]
+    rows = [images[:n].float() * std + mean, up(weights[:n] / weights[:n].amax(1, keepdim=True)),
+            up(mask + throw / 2)]
     common.save_picture(path, rows + [recon], ["image", "attention", "masked/thrown", "reconstruction"])
 
 
@@ -453,7 +474,8 @@ def visualize(cfg, images, weights, out, path):
 # Loss
 
 def amt_loss(pred, target, mask, norm_pix_loss):
-    """Official forward_loss: per-patch MSE averaged over MASKED patches only; pred, target (B, M, P), mask (B, M) bool.
+    """Official forward_loss: per-patch MSE averaged over MASKED patches only;
+    pred, target (B, M, P), mask (B, M) bool.
     Visible patches are in the sequence but not in the loss, thrown ones not even in the sequence.
     norm_pix_loss: each target patch standardised with its mean and UNBIASED variance, eps 1e-6 (MAE)."""
     target = target.float()
@@ -464,7 +486,8 @@ def amt_loss(pred, target, mask, norm_pix_loss):
 
 
 class Encoder(nn.Module):
-    """images -> (B, D) final-norm [CLS] (the official probe's feature); attention=True: the store's maps (B, N)."""
+    """images -> (B, D) final-norm [CLS] (the official probe's feature);
+    attention=True: the store's maps (B, N)."""
 
     def __init__(self, vit, attention=False):
         super().__init__()
@@ -477,7 +500,8 @@ class Encoder(nn.Module):
 
 
 def load_encoder(ckpt, random_init=False):
-    """Checkpoint dict -> frozen encoder module giving the probe features; random_init: same shape, untrained."""
+    """Checkpoint dict -> frozen encoder module giving the probe features;
+    random_init: same shape, untrained."""
     model = Model(Config(**ckpt["config"]))
     if not random_init:
         model.load_state_dict(ckpt["model"])
@@ -494,7 +518,8 @@ def setup_distributed(device_flag):
     if device_flag == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA device is visible; use --device cpu")
     if "RANK" in os.environ:
-        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                              int(os.environ["WORLD_SIZE"]))
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -517,7 +542,8 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
 
 def param_groups(model, weight_decay, skip=()):
     """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
-    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
+    the parameters whose last name part is in `skip`
+    (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -560,8 +586,8 @@ class resuming:
 
     def __exit__(self, kind, err, tb):
         if kind is not None and issubclass(kind, (RuntimeError, ValueError, KeyError)):
-            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); resume with "
-                "the settings it was saved with (warning above) or pick a new --out_dir")
+            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); "
+                "resume with the settings it was saved with (warning above) or pick a new --out_dir")
 
 
 def nonfinite_error(step, path):
@@ -575,7 +601,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or choose another --out_dir")
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+            "delete it or choose another --out_dir")
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         die(f"{path} is not a checkpoint of this collection; choose another --out_dir")
     if ckpt["method"] != METHOD:
@@ -587,7 +614,8 @@ class Logger:
     """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl (no files: out_dir "")."""
 
     def __init__(self, out_dir, master):
-        self.master, self.out_dir = master, out_dir  # the folder is made at the first line: none on a failed start
+        # the folder is made at the first line: none on a failed start
+        self.master, self.out_dir = master, out_dir
 
     def print(self, msg):
         if self.master:
@@ -611,7 +639,8 @@ def peak_memory_gb(device):
 
 
 _stop_signal = []  # set by SIGTERM: save and leave after this step
-STOP_GRACE_S = 60  # after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+# after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+STOP_GRACE_S = 60
 
 
 def _on_sigterm(signum, frame):
@@ -627,14 +656,16 @@ def _hard_exit(why):
 def _watch_sigterm(fd):
     """A thread that sees every SIGTERM even while the main thread is stuck in C (a collective whose
     peer died, a hung loader): the interpreter writes the signal number to `fd` as it arrives. The first
-    starts the grace timer; one more, 2 s or later (torchrun forwards the scheduler's copy at once), ends it."""
+    starts the grace timer; one more, 2 s or later
+    (torchrun forwards the scheduler's copy at once), ends it."""
     first = None
     while True:
         if signal.SIGTERM not in os.read(fd, 64):
             continue
         if first is None:
             first = time.time()
-            timer = threading.Timer(STOP_GRACE_S, _hard_exit, [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
+            timer = threading.Timer(STOP_GRACE_S, _hard_exit,
+                                    [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
             timer.daemon = True
             timer.start()
         elif time.time() - first > 2:
@@ -681,7 +712,8 @@ class RunControl:
             self.t_save = time.time()
         if self.world > 1:  # after the reset above, so one save request is not sent twice
             mine = self.mine()
-            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
+            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                            mine)
         return bool(flags[0] > 0), bool(flags[1] > 0)
 # dense bf16 tensor-core peak of one GPU in TFLOP/s (vendor sheets), the first name fragment that matches
 PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362),
@@ -694,7 +726,8 @@ def count_flops(modules, loss_fn, ctx):
     import copy
     from torch.utils.flop_counter import FlopCounterMode
     copies = copy.deepcopy(modules)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = ([torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized()
+               else [])
     with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
         with ctx:
             loss = loss_fn(*copies)
@@ -723,7 +756,8 @@ def flops_summary(flops, steps, seconds, device, peak_tflops=0.0):
 
 
 def store_due(cfg, epoch):
-    """The epoch after which the maps used in `epoch` are made (-1: the initial weights), or None (plain MAE)."""
+    """The epoch after which the maps used in `epoch` are made (-1: the initial weights),
+    or None (plain MAE)."""
     if cfg.amt == "on" and epoch > cfg.amt_start:
         return cfg.amt_start + (epoch - 1 - cfg.amt_start) // cfg.refresh_every * cfg.refresh_every
 
@@ -732,10 +766,12 @@ def train(cfg: Config):
     N = (cfg.img_size // max(1, cfg.patch_size)) ** 2
     n_mask, n_throw = mask_counts(N, cfg.mask_ratio, cfg.throw_ratio)
     if cfg.amt not in ("on", "off") or cfg.refresh_every < 1:
-        die(f"--amt takes on or off (got {cfg.amt}), --refresh_every a number of epochs >= 1 (got {cfg.refresh_every})")
+        die(f"--amt takes on or off (got {cfg.amt}), "
+            f"--refresh_every a number of epochs >= 1 (got {cfg.refresh_every})")
     if not (0 < n_mask and 0 <= n_throw and n_mask + n_throw < N):
         die(f"--mask_ratio {cfg.mask_ratio} --throw_ratio {cfg.throw_ratio} leave {n_mask} masked and "
-            f"{max(0, N - n_mask - n_throw)} visible of {N} patches; both need at least one (e.g. 0.45 and 0.40)")
+            f"{max(0, N - n_mask - n_throw)} visible of {N} patches; "
+            "both need at least one (e.g. 0.45 and 0.40)")
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same initial weights (and EMA copies) on every rank
@@ -748,11 +784,13 @@ def train(cfg: Config):
                if not cfg.benchmark else  # --benchmark: random images made on the device
                common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
     transform = common.CropWithBox(cfg.data, cfg.img_size, scale=(0.2, 1.0))
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
-                                with_index=True, batched=common.BatchCrop(cfg.data, cfg.img_size, with_box=True),
+    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world,
+                                cfg.num_workers, with_index=True,
+                                batched=common.BatchCrop(cfg.data, cfg.img_size, with_box=True),
                                 device=device)
-    squash = T.Compose([T.Resize((cfg.img_size,) * 2), T.ToTensor(), common.normalize(cfg.data)])  # refresh pass:
-    # the whole image squashed to a square, bilinear (official update_mask loader: Resize((224, 224)))
+    # refresh pass: the whole image squashed to a square, bilinear
+    # (official update_mask loader: Resize((224, 224)))
+    squash = T.Compose([T.Resize((cfg.img_size,) * 2), T.ToTensor(), common.normalize(cfg.data)])
     squash_batched = common.BatchEval(cfg.data, cfg.img_size, squash=True)  # the same, for in-memory sets
     eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
     steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
@@ -767,8 +805,9 @@ def train(cfg: Config):
     model = Model(cfg).to(device)
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
     lr = cfg.blr * eff_batch / 256
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),  # timm add_weight_decay:
-                            fused=device.type == "cuda")  # [CLS] and mask token decayed (official)
+    # timm add_weight_decay: [CLS] and mask token decayed (official)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
     store, store_epoch = None, None  # (n_images, gh, gw) fp16 maps, and the epoch after which they were made
 
     # resume: the same command continues the run in out_dir
@@ -776,8 +815,9 @@ def train(cfg: Config):
     if os.path.exists(path) and not cfg.benchmark:  # a benchmark starts afresh and saves nothing
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
-                                                            "save_every_min", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every",
+                                                            "knn_every", "save_every_min", "device",
+                                                            "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         with resuming(path):  # a checkpoint that no longer fits these settings: one line
@@ -797,17 +837,21 @@ def train(cfg: Config):
             dist.destroy_process_group()
         return
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
+    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} "
+              f"| params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
     log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
               f"(the paper's ImageNet run: 4096 = 4 GPUs x 128 x accum 8)"
               f" | lr {lr:.3e} (blr {cfg.blr:.2e} x {eff_batch}/256)"
-              f" | {steps_per_epoch} steps/epoch | {stop} steps | " + ("--amt off: plain MAE" if cfg.amt == "off" else
-              f"AMT after epoch {cfg.amt_start}: {n_mask} masked / {n_throw} thrown / {N - n_mask - n_throw} visible"))
+              f" | {steps_per_epoch} steps/epoch | {stop} steps | "
+              + ("--amt off: plain MAE" if cfg.amt == "off" else
+                 f"AMT after epoch {cfg.amt_start}: {n_mask} masked / {n_throw} thrown / "
+                 f"{N - n_mask - n_throw} visible"))
 
     fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # before DDP; we save `model`
     if world > 1:
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = nn.parallel.DistributedDataParallel(
+            fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(epoch):
         state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
@@ -817,8 +861,9 @@ def train(cfg: Config):
             save_checkpoint(path, state)
 
     def train_step(batch, micro, step, amt_phase):
-        """One micro-batch of the loop ((images, crop boxes), labels, indices): the masks' weights, forward and
-        backward; after the last of accum_iter, the optimizer step. The loop and --benchmark both run it."""
+        """One micro-batch of the loop ((images, crop boxes), labels, indices): the masks' weights,
+        forward and backward; after the last of accum_iter, the optimizer step.
+        The loop and --benchmark both run it."""
         (images, box), _, idx = batch
         images = images.to(device, non_blocking=True)
         weights = patch_weights(store[idx.to(device, non_blocking=True)], box.to(device, non_blocking=True),
@@ -846,8 +891,8 @@ def train(cfg: Config):
             n_m, n_t = (n_mask, n_throw) if phase == "AMT" else (N - int(N * 0.25), 0)
             res[phase] = common.benchmark(
                 METHOD, batches, lambda b, micro, i, amt=phase == "AMT": train_step(b, micro, i, amt),
-                lambda out: count_flops((model,), lambda m: m(*out[2])[0], ctx), cfg.benchmark, eff_batch, device,
-                device_peak(device, cfg.peak_tflops), log,
+                lambda out: count_flops((model,), lambda m: m(*out[2])[0], ctx), cfg.benchmark, eff_batch,
+                device, device_peak(device, cfg.peak_tflops), log,
                 note=f"{phase} phase: {n_m} masked, {n_t} thrown, encoder on {N - n_m - n_t} of {N} patches")
         if len(res) == 2:  # the paper's token arithmetic: AMT's step against MAE's at the same size
             log.print(f"benchmark | {METHOD} | AMT / MAE: time {res['AMT']['ms'] / res['MAE']['ms']:.2f}x | "
@@ -865,12 +910,15 @@ def train(cfg: Config):
         due = store_due(cfg, epoch)
         if due is not None and store_epoch != due:  # fresh maps from the current encoder
             t0 = time.time()
-            w, _ = common.extract(Encoder(model.encoder, attention=True), dataset, squash, cfg.batch_size, device,
-                                  cfg.num_workers, batched=squash_batched)  # (n_images, N), dataset order; rank-sharded and gathered
-            store, store_epoch = w.half().view(len(dataset), *(model.encoder.grid,) * 2).to(device), due  # fp16
+            # (n_images, N), dataset order; rank-sharded and gathered
+            w, _ = common.extract(Encoder(model.encoder, attention=True), dataset, squash, cfg.batch_size,
+                                  device, cfg.num_workers, batched=squash_batched)
+            # fp16
+            store, store_epoch = w.half().view(len(dataset), *(model.encoder.grid,) * 2).to(device), due
             model.train()
             log.print(f"attention store: {len(dataset)} maps after epoch {due} in {time.time() - t0:.1f} s")
-            t_log += time.time() - t0  # the log's ms and img/s are training steps only; the summary counts all
+            # the log's ms and img/s are training steps only; the summary counts all
+            t_log += time.time() - t0
         loader.sampler.set_epoch(epoch, skip=(step % steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
         t_data = time.time()
         for batch in loader:
@@ -883,10 +931,12 @@ def train(cfg: Config):
                 continue
             step += 1
             log_steps += 1
-            if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):  # uses this step's masks: no RNG
+            # uses this step's masks: no RNG
+            if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
                 visualize(cfg, *inputs[:2], out, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
             stop_now, save_now = control()
-            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0 or stop_now or save_now:
+            if (step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0
+                    or stop_now or save_now):
                 flags = torch.stack([bad_step.float(), torch.tensor(float(stop_now), device=device)])
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -895,11 +945,12 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     lr_now = opt.param_groups[0]["lr"]
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(),
+                           "lr": lr_now, "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
-                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
-                              f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
+                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | "
+                              f"lr {lr_now:.1e} | {row['ms']:.0f} ms | {row['img_s']:.0f} img/s | "
+                              f"data {100 * row['data']:.0f}%"
                               + "".join(f" | {k} {row[k]:.4g}" for k in stats))
                     log.metrics(row)
                     t_log, data_wait, log_steps = time.time(), 0.0, 0
@@ -916,13 +967,15 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        # not in the log's img/s
         t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
-            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)
 
     wall = time.time() - t_start
     imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
     flops = count_flops((model,), lambda m: m(*inputs)[0], ctx)  # the last step again, untimed
-    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
+    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total"
+              f" | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
               + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:

@@ -73,7 +73,8 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
-    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class; 0 = all
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class;
+                                   # 0 = all
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -128,20 +129,22 @@ def preset(data: str, given: dict) -> dict:
         "stl10": {**small, "img_size": 96, "patch_size": 8, "local_size": 48},
         "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8, "local_size": 32},
         "folder": {**small, "model": "vit_small", "img_size": 224, "patch_size": 16, "local_size": 96},
-        "synthetic": {**small, "model": "vit_micro", "epochs": 2, "batch_size": 32, "blr": 1e-3, "warmup_epochs": 0.5,
-                      "local_crops": 2, "out_dim": 1024, "head_hidden": 256, "warmup_teacher_temp_epochs": 1,
-                      "vis_every": 50},  # the bare command: about a minute on 2 CPU cores
+        # the bare command: about a minute on 2 CPU cores
+        "synthetic": {**small, "model": "vit_micro", "epochs": 2, "batch_size": 32, "blr": 1e-3,
+                      "warmup_epochs": 0.5, "local_crops": 2, "out_dim": 1024, "head_hidden": 256,
+                      "warmup_teacher_temp_epochs": 1, "vis_every": 50},
     }[data]
 
 def check_config(cfg: Config):
-    """Every flag in its range and the combinations this file needs, at parse time: one line, nothing written."""
+    """Every flag in its range and the combinations this file needs, at parse time:
+    one line, nothing written."""
     c = common
     c.check_fields(cfg, {
         "model": c.one_of(*VIT_SIZES), "mask_mode": c.one_of(*MASK_MODES), "pred_ratio": c.fraction(),
         "pred_ratio_var": c.at_least(0), "masking_prob": c.between(0, 1), "show_max": c.between(0, 1),
         "local_crops": c.at_least(0), "local_size": c.above(0), "out_dim": c.at_least(1),
-        "head_hidden": c.at_least(1),
-        "freeze_last_layer": c.at_least(0), "drop_path": c.between(0, 1, open_hi=True), "teacher_temp": c.above(0),
+        "head_hidden": c.at_least(1), "freeze_last_layer": c.at_least(0),
+        "drop_path": c.between(0, 1, open_hi=True), "teacher_temp": c.above(0),
         "warmup_teacher_temp_epochs": c.at_least(0), "center_momentum": c.between(0, 1),
         "momentum_teacher": c.between(0, 1), "weight_decay_end": c.at_least(0), "clip_grad": c.at_least(0)})
     for name, size in (("img_size", cfg.img_size), ("local_size", cfg.local_size if cfg.local_crops else 0)):
@@ -164,7 +167,8 @@ def parse_config(argv=None) -> Config:
             die(f"unknown argument {arg!r}; valid flags: " + " ".join(f"--{k}" for k in fields))
         typ = fields[key]
         if not eq:
-            val = "1" if typ is bool and (not args or args[0].startswith("--")) else (args.pop(0) if args else "")
+            val = ("1" if typ is bool and (not args or args[0].startswith("--"))
+                   else (args.pop(0) if args else ""))
         try:
             if typ is bool:
                 given[key] = {"1": True, "true": True, "0": False, "false": False}[val.lower()]
@@ -208,7 +212,8 @@ def sincos_pos_embed(dim, gh, gw, device=None):
     """Fixed 2-D sin-cos positions (MAE layout): first half of the channels encodes the column, second
     half the row; each half is [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
+                                indexing="ij")
 
     def enc(p):  # (N,) -> (N, dim/2)
         a = p.flatten().double()[:, None] * omega[None]
@@ -239,7 +244,8 @@ class Attention(nn.Module):
 
     def forward(self, x, return_attn=False):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        # 3 x (B, h, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, T, hd)
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
@@ -287,7 +293,8 @@ class ViT(nn.Module):
                  layer_scale=0.0, cls_token=True):
         super().__init__()
         if img_size % patch_size:
-            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; pick sizes that divide")
+            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; "
+                "pick sizes that divide")
         self.patch_size, self.dim, self.grid = patch_size, dim, img_size // patch_size
         self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -355,11 +362,14 @@ def attmask(a, ratio, mode, prob, show_max, hint_ratio=None):
     mask = torch.zeros(R, N, dtype=torch.bool, device=a.device).scatter_(1, order[:, :int(N * ratio)], True)
     mask &= torch.rand(R, 1, device=a.device) <= prob                  # per crop: else not masked at all
     hint_ratio = ratio if hint_ratio is None else hint_ratio
-    n_hint = int(N * (show_max * hint_ratio))                          # floors; s * r' formed first (spec 3.3b)
+    # floors; s * r' formed first (spec 3.3b)
+    n_hint = int(N * (show_max * hint_ratio))
     if mode == "attmask_hint" and n_hint > 0:
-        top = torch.zeros(R, N, device=a.device).scatter_(1, order[:, :int(N * show_max)], 1.0)  # (R, N) candidates
+        # (R, N) candidates
+        top = torch.zeros(R, N, device=a.device).scatter_(1, order[:, :int(N * show_max)], 1.0)
         # = torch.multinomial(top, n_hint) (same draws), without its two host syncs: top-k of top / Exp(1)
-        mask.scatter_(1, (top / torch.empty_like(top).exponential_()).topk(n_hint).indices, False)  # (R, n_hint)
+        # (R, n_hint)
+        mask.scatter_(1, (top / torch.empty_like(top).exponential_()).topk(n_hint).indices, False)
     return mask
 
 def block_mask(ratios, gh, gw, rounds=50):
@@ -386,10 +396,14 @@ def block_mask(ratios, gh, gw, rounds=50):
 def make_mask(cfg, attn, step, gh, gw):
     """Mask (2B, N) of the global crops for --mask_mode. attn: (2B, heads, 1+N) teacher [CLS] rows."""
     lo, hi = cfg.pred_ratio - cfg.pred_ratio_var, cfg.pred_ratio + cfg.pred_ratio_var
-    if cfg.mask_mode.startswith("attmask"):  # last block, mean over heads, patch keys, not renormalised (Sec. 3)
-        rng = random.Random(cfg.seed * 1_000_003 + step)  # one r per step, the same on all ranks and on resume
-        r, r_hint = rng.uniform(lo, hi), rng.uniform(lo, hi)  # official: get_pred_ratio() twice, mask and hints
-        return attmask(attn[:, :, 1:].float().mean(1), r, cfg.mask_mode, cfg.masking_prob, cfg.show_max, r_hint)
+    # last block, mean over heads, patch keys, not renormalised (Sec. 3)
+    if cfg.mask_mode.startswith("attmask"):
+        # one r per step, the same on all ranks and on resume
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        # official: get_pred_ratio() twice, mask and hints
+        r, r_hint = rng.uniform(lo, hi), rng.uniform(lo, hi)
+        return attmask(attn[:, :, 1:].float().mean(1), r, cfg.mask_mode, cfg.masking_prob,
+                       cfg.show_max, r_hint)
     ratios = lo + (hi - lo) * torch.rand(attn.shape[0], device=attn.device)  # iBOT: r per crop, all masked
     if cfg.mask_mode == "block":
         return block_mask(ratios, gh, gw)
@@ -413,7 +427,8 @@ class Head(nn.Module):
 
     def forward(self, x):
         z = F.normalize(self.mlp(x).float(), dim=-1)                   # (..., 256)
-        with torch.autocast(x.device.type, enabled=False):  # fp32 logits: after /0.04, bf16 is 8x fp16's steps
+        # fp32 logits: after /0.04, bf16 is 8x fp16's steps
+        with torch.autocast(x.device.type, enabled=False):
             return F.linear(z, self.g * F.normalize(self.v, dim=1))    # (..., K) fp32
 
 def teacher_temp(epoch, start, end, warmup_epochs):
@@ -440,9 +455,11 @@ class Model(nn.Module):
         self.student = build_vit(cfg.model, cfg.img_size, cfg.patch_size, drop_path=cfg.drop_path)
         self.teacher = build_vit(cfg.model, cfg.img_size, cfg.patch_size)  # no drop path
         D = self.student.dim
-        self.head, self.teacher_head = Head(D, cfg.out_dim, cfg.head_hidden), Head(D, cfg.out_dim, cfg.head_hidden)
+        self.head, self.teacher_head = (Head(D, cfg.out_dim, cfg.head_hidden),
+                                        Head(D, cfg.out_dim, cfg.head_hidden))
         self.mask_token = nn.Parameter(torch.zeros(1, D))              # official `masked_embed`, zeros
-        for t, s in ((self.teacher, self.student), (self.teacher_head, self.head)):  # teacher starts as student
+        # teacher starts as student
+        for t, s in ((self.teacher, self.student), (self.teacher_head, self.head)):
             t.load_state_dict(s.state_dict()), t.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))      # [CLS] target center
         self.register_buffer("center2", torch.zeros(1, 1, cfg.out_dim))  # patch target center
@@ -466,7 +483,8 @@ class Model(nn.Module):
         l_cls, l_patch = ibot_loss(s_cls, s_out[:, 1:], t_out[:, 0], t_out[:, 1:], mask,
                                    self.center, self.center2, tau, tau, 0.1)
         update_centers(self.center, self.center2, t_out[:, 0], t_out[:, 1:], cfg.center_momentum)
-        return l_cls + l_patch, {"cls": l_cls.detach(), "patch": l_patch.detach(), "masked": mask.float().mean()}
+        return l_cls + l_patch, {"cls": l_cls.detach(), "patch": l_patch.detach(),
+                                 "masked": mask.float().mean()}
 
     @torch.no_grad()
     def visualize(self, crops, step, path):
@@ -478,8 +496,10 @@ class Model(nn.Module):
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # training RNG untouched
             hide = make_mask(dataclasses.replace(cfg, masking_prob=1.0), attn, step, gh, gw).float()  # (b, N)
         a = attn[:, :, 1:].float().mean(1)                             # (b, N)
-        a = (a - a.amin(1, keepdim=True)) / (a.amax(1, keepdim=True) - a.amin(1, keepdim=True)).clamp(min=1e-12)
-        up = lambda m: F.interpolate(m.view(-1, 1, gh, gw), size=x.shape[-2:]).expand(-1, 3, -1, -1)  # (b, 3, H, W)
+        a = ((a - a.amin(1, keepdim=True))
+             / (a.amax(1, keepdim=True) - a.amin(1, keepdim=True)).clamp(min=1e-12))
+        # (b, 3, H, W)
+        up = lambda m: F.interpolate(m.view(-1, 1, gh, gw), size=x.shape[-2:]).expand(-1, 3, -1, -1)
         common.save_picture(path, [img, up(a), img * (1 - up(hide)) + 0.5 * up(hide)],
                             ["global crop", "teacher attention", f"hidden ({cfg.mask_mode})"])
 
@@ -488,7 +508,8 @@ class Model(nn.Module):
 
 def ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, center, center2, tau_t, tau_t2, tau_s):
     """DINO [CLS] loss + iBOT masked-patch loss (iBOT Sec. 3.2), fp32. s_cls (V*B, K): student [CLS], 2 masked
-    globals then locals, crop-major; s_patch (2B, N, K); teacher t_cls (2B, K), t_patch (2B, N, K); mask (2B, N)."""
+    globals then locals, crop-major; s_patch (2B, N, K); teacher t_cls (2B, K), t_patch (2B, N, K);
+    mask (2B, N)."""
     B, V = t_cls.shape[0] // 2, 2 * s_cls.shape[0] // t_cls.shape[0]
     p_t = F.softmax((t_cls.float() - center) / tau_t, dim=-1).view(2, B, -1)  # (2, B, K) centred, sharpened
     logp_s = F.log_softmax(s_cls.float() / tau_s, dim=-1).view(V, B, -1)      # (V, B, K)
@@ -514,7 +535,8 @@ def clip_per_tensor(params, clip):
     torch._foreach_mul_(grads, [(clip / (n + 1e-6)).clamp(max=1.0) for n in torch._foreach_norm(grads)])
 
 class Encoder(nn.Module):
-    """Probe features (B, 4D): the teacher's last 4 [CLS], each through the final norm (DINO linear protocol)."""
+    """Probe features (B, 4D): the teacher's last 4 [CLS], each through the final norm
+    (DINO linear protocol)."""
 
     def __init__(self, vit):
         super().__init__()
@@ -527,7 +549,8 @@ class Encoder(nn.Module):
         return torch.cat([self.vit.norm(o) for o in self.outs], dim=-1)  # (B, 4D)
 
 def load_encoder(ckpt, random_init=False):
-    """Checkpoint dict -> frozen teacher encoder giving the probe features; random_init: same shape, untrained."""
+    """Checkpoint dict -> frozen teacher encoder giving the probe features;
+    random_init: same shape, untrained."""
     model = Model(Config(**ckpt["config"]))
     if not random_init:
         model.load_state_dict(ckpt["model"])
@@ -543,7 +566,8 @@ def setup_distributed(device_flag):
     if device_flag == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA device is visible; use --device cpu")
     if "RANK" in os.environ:
-        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                              int(os.environ["WORLD_SIZE"]))
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -566,7 +590,8 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
 
 def param_groups(model, weight_decay, skip=()):
     """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
-    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
+    the parameters whose last name part is in `skip`
+    (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -609,8 +634,8 @@ class resuming:
 
     def __exit__(self, kind, err, tb):
         if kind is not None and issubclass(kind, (RuntimeError, ValueError, KeyError)):
-            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); resume with "
-                "the settings it was saved with (warning above) or pick a new --out_dir")
+            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); "
+                "resume with the settings it was saved with (warning above) or pick a new --out_dir")
 
 
 def nonfinite_error(step, path):
@@ -624,7 +649,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or choose another --out_dir")
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+            "delete it or choose another --out_dir")
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         die(f"{path} is not a checkpoint of this collection; choose another --out_dir")
     if ckpt["method"] != METHOD:
@@ -636,7 +662,8 @@ class Logger:
     """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl (no files: out_dir "")."""
 
     def __init__(self, out_dir, master):
-        self.master, self.out_dir = master, out_dir  # the folder is made at the first line: none on a failed start
+        # the folder is made at the first line: none on a failed start
+        self.master, self.out_dir = master, out_dir
 
     def print(self, msg):
         if self.master:
@@ -660,7 +687,8 @@ def peak_memory_gb(device):
 
 
 _stop_signal = []  # set by SIGTERM: save and leave after this step
-STOP_GRACE_S = 60  # after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+# after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+STOP_GRACE_S = 60
 
 
 def _on_sigterm(signum, frame):
@@ -676,14 +704,16 @@ def _hard_exit(why):
 def _watch_sigterm(fd):
     """A thread that sees every SIGTERM even while the main thread is stuck in C (a collective whose
     peer died, a hung loader): the interpreter writes the signal number to `fd` as it arrives. The first
-    starts the grace timer; one more, 2 s or later (torchrun forwards the scheduler's copy at once), ends it."""
+    starts the grace timer; one more, 2 s or later
+    (torchrun forwards the scheduler's copy at once), ends it."""
     first = None
     while True:
         if signal.SIGTERM not in os.read(fd, 64):
             continue
         if first is None:
             first = time.time()
-            timer = threading.Timer(STOP_GRACE_S, _hard_exit, [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
+            timer = threading.Timer(STOP_GRACE_S, _hard_exit,
+                                    [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
             timer.daemon = True
             timer.start()
         elif time.time() - first > 2:
@@ -730,7 +760,8 @@ class RunControl:
             self.t_save = time.time()
         if self.world > 1:  # after the reset above, so one save request is not sent twice
             mine = self.mine()
-            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
+            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                            mine)
         return bool(flags[0] > 0), bool(flags[1] > 0)
 # dense bf16 tensor-core peak of one GPU in TFLOP/s (vendor sheets), the first name fragment that matches
 PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362),
@@ -743,7 +774,8 @@ def count_flops(modules, loss_fn, ctx):
     import copy
     from torch.utils.flop_counter import FlopCounterMode
     copies = copy.deepcopy(modules)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = ([torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized()
+               else [])
     with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
         with ctx:
             loss = loss_fn(*copies)
@@ -784,8 +816,9 @@ def train(cfg: Config):
                common.benchmark_images(cfg.batch_size * world * cfg.accum_iter, cfg.img_size, device))
     crops = (cfg.data, cfg.img_size, cfg.local_size, cfg.local_crops)
     blur = (1.0, 0.1, 0.5) if cfg.img_size > 64 else (0.5, 0.1, 0.2)
-    loader = common.make_loader(dataset, common.MultiCrop(*crops, blur=blur), cfg.batch_size, True, cfg.seed, rank,
-                                world, cfg.num_workers, batched=common.BatchMultiCrop(*crops, blur=blur), device=device)
+    loader = common.make_loader(dataset, common.MultiCrop(*crops, blur=blur), cfg.batch_size, True, cfg.seed,
+                                rank, world, cfg.num_workers,
+                                batched=common.BatchMultiCrop(*crops, blur=blur), device=device)
     eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
     steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
     if steps_per_epoch == 0 or cfg.accum_iter < 1:
@@ -794,13 +827,15 @@ def train(cfg: Config):
     total = cfg.epochs * steps_per_epoch
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
 
-    # model and optimizer: AdamW, default betas, decay on >= 2-dim tensors (mask token, [CLS] too, as official)
+    # model and optimizer: AdamW, default betas, decay on >= 2-dim tensors
+    # (mask token, [CLS] too, as official)
     model = Model(cfg).to(device)
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
     lr = cfg.blr * eff_batch / 256
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, fused=device.type == "cuda")
-    teacher_params = [*model.teacher.parameters(), *model.teacher_head.parameters()]  # EMA pairs, by name order
+    # EMA pairs, by name order
+    teacher_params = [*model.teacher.parameters(), *model.teacher_head.parameters()]
     student_params = [*model.student.parameters(), *model.head.parameters()]
 
     # resume: the same command continues the run in out_dir
@@ -808,8 +843,9 @@ def train(cfg: Config):
     if os.path.exists(path) and not cfg.benchmark:  # a benchmark starts afresh and saves nothing
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
-                                                            "save_every_min", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every",
+                                                            "knn_every", "save_every_min", "device",
+                                                            "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         with resuming(path):  # a checkpoint that no longer fits these settings: one line
@@ -828,7 +864,8 @@ def train(cfg: Config):
             dist.destroy_process_group()
         return
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
+    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} "
+              f"| params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
     log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
               f"(the paper's ImageNet runs: 240 = 4 GPUs x 60, 800 at 300 epochs)"
@@ -840,8 +877,9 @@ def train(cfg: Config):
             m.compile(**common.COMPILE)
     fwd = model
     if world > 1:  # the teacher has no trainable parameters: DDP copies rank 0's once and never reduces it
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)  # the centers are all-reduced already
+        fwd = nn.parallel.DistributedDataParallel(
+            fwd, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # the centers are all-reduced already
 
     def checkpoint(epoch):
         state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
@@ -850,8 +888,8 @@ def train(cfg: Config):
             save_checkpoint(path, state)
 
     def train_step(batch, micro, step, epoch):
-        """One micro-batch of the loop (crops, labels): forward and backward; after the last of accum_iter, the
-        clipping, optimizer and EMA teacher steps. The loop and --benchmark both run it."""
+        """One micro-batch of the loop (crops, labels): forward and backward; after the last of accum_iter,
+        the clipping, optimizer and EMA teacher steps. The loop and --benchmark both run it."""
         crops = [c.to(device, non_blocking=True) for c in batch[0]]
         for g in opt.param_groups:
             g["lr"] = cosine_schedule(step, total, lr, 1e-6, warmup=int(cfg.warmup_epochs * steps_per_epoch))
@@ -880,7 +918,8 @@ def train(cfg: Config):
             METHOD, batches, lambda b, micro, i: train_step(b, micro, i, i // steps_per_epoch),
             lambda out: count_flops((model,), lambda m: m(out[2], 0, 0)[0], ctx), cfg.benchmark, eff_batch,
             device, device_peak(device, cfg.peak_tflops), log,
-            note=f"{2 + cfg.local_crops} crops: 2 x {cfg.img_size} px + {cfg.local_crops} x {cfg.local_size} px")
+            note=f"{2 + cfg.local_crops} crops: 2 x {cfg.img_size} px + "
+                 f"{cfg.local_crops} x {cfg.local_size} px")
         if world > 1:
             dist.destroy_process_group()
         return res
@@ -906,7 +945,8 @@ def train(cfg: Config):
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
                 model.visualize(crops, step - 1, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
             stop_now, save_now = control()
-            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0 or stop_now or save_now:
+            if (step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0
+                    or stop_now or save_now):
                 flags = torch.stack([bad_step.float(), torch.tensor(float(stop_now), device=device)])
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -915,11 +955,12 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     lr_now = opt.param_groups[0]["lr"]
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(),
+                           "lr": lr_now, "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
-                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
-                              f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
+                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | "
+                              f"lr {lr_now:.1e} | {row['ms']:.0f} ms | {row['img_s']:.0f} img/s | "
+                              f"data {100 * row['data']:.0f}%"
                               + "".join(f" | {k} {row[k]:.4g}" for k in stats))
                     log.metrics(row)
                     t_log, data_wait, log_steps = time.time(), 0.0, 0
@@ -936,13 +977,15 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        # not in the log's img/s
         t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
-            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)
 
     wall = time.time() - t_start
     imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
     flops = count_flops((model,), lambda m: m(crops, step - 1, epoch)[0], ctx)  # the last step again, untimed
-    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
+    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total"
+              f" | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
               + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:

@@ -4,7 +4,8 @@ distributed loaders, and the frozen-feature probe (linear head sweep + weighted 
 Nothing here knows about a method; each method file imports only this module.
 
 Image files (ImageNet, large folders) are decoded once per step in the main process and cropped per image,
-then augmented by the same batched ops as the in-memory sets. Where that differs from per-image PIL transforms:
+then augmented by the same batched ops as the in-memory sets.
+Where that differs from per-image PIL transforms:
 - CPU, JPEG: PIL's draft mode decodes at 1/2..1/8 scale when every box of the image keeps at least its output
   resolution there; the DCT-scaled decode differs from a full decode + resize by about 1/255 on average
   (a few levels at sharp edges). `JPEG_DRAFT = False` turns it off (then the crops are PIL's, bitwise).
@@ -88,16 +89,17 @@ def one_of(*choices):
 
 
 SHARED_RULES = {"img_size": above(0), "patch_size": above(0), "epochs": at_least(1), "max_steps": at_least(0),
-                "batch_size": at_least(1), "blr": above(0), "weight_decay": at_least(0), "warmup_epochs": at_least(0),
-                "num_workers": at_least(0), "seed": at_least(0), "log_every": at_least(1),
-                "device": one_of("auto", "cuda", "cpu"), "vis_every": at_least(0), "save_every_min": at_least(0),
-                "accum_iter": at_least(1), "knn_every": at_least(0), "peak_tflops": at_least(0),
-                "benchmark": at_least(0), "subset": at_least(0)}
+                "batch_size": at_least(1), "blr": above(0), "weight_decay": at_least(0),
+                "warmup_epochs": at_least(0), "num_workers": at_least(0), "seed": at_least(0),
+                "log_every": at_least(1), "device": one_of("auto", "cuda", "cpu"), "vis_every": at_least(0),
+                "save_every_min": at_least(0), "accum_iter": at_least(1), "knn_every": at_least(0),
+                "peak_tflops": at_least(0), "benchmark": at_least(0), "subset": at_least(0)}
 
 
 def check_fields(cfg, rules):
     """Every number finite, every field with a rule inside it, out_dir a folder (or new): a one-line error
-    naming the flag otherwise. (A missing data folder is reported by build_dataset, before anything is written.)"""
+    naming the flag otherwise.
+    (A missing data folder is reported by build_dataset, before anything is written.)"""
     for name, v in dataclasses.asdict(cfg).items():
         if isinstance(v, float) and not math.isfinite(v):
             die(f"--{name} {v} is not a finite number")
@@ -184,7 +186,8 @@ def fashion_mnist(root, train):
     prefix = "train" if train else "t10k"
     for d in [root, os.path.join(root, "fashion-mnist"), FASHION_MNIST_SYSTEM_DIR]:
         for ext in (".gz", ""):
-            img, lab = (os.path.join(d, f"{prefix}-{k}-idx{n}-ubyte{ext}") for k, n in (("images", 3), ("labels", 1)))
+            img, lab = (os.path.join(d, f"{prefix}-{k}-idx{n}-ubyte{ext}")
+                        for k, n in (("images", 3), ("labels", 1)))
             if os.path.isfile(img) and os.path.isfile(lab):
                 x = np.pad(read_idx(img), ((0, 0), (2, 2), (2, 2)))   # (n, 32, 32)
                 return ArrayImages(x, read_idx(lab))
@@ -213,7 +216,8 @@ def describe_folder(data_dir, n=64):
     classes = classes[:: max(1, len(classes) // n)][:n]
     per, pick = max(1, n // max(1, len(classes))), []
     for c in classes:
-        files = sorted(f for f in os.listdir(os.path.join(root, c)) if os.path.isfile(os.path.join(root, c, f)))
+        files = sorted(f for f in os.listdir(os.path.join(root, c))
+                       if os.path.isfile(os.path.join(root, c, f)))
         pick += [os.path.join(root, c, f) for f in files[:: max(1, len(files) // per)][:per]]
     sides, pix = [], []
     for f in pick:
@@ -296,7 +300,8 @@ def _load(name, data_dir, train, synthetic_size, img_size):
     existed = os.path.isdir(data_dir)
     try:
         if name == "synthetic":
-            return Synthetic(synthetic_size if train else synthetic_size // 4, img_size, seed=0 if train else 1)
+            return Synthetic(synthetic_size if train else synthetic_size // 4, img_size,
+                             seed=0 if train else 1)
         if name == "fashion-mnist":
             return fashion_mnist(data_dir, bool(train))
         if name in ("cifar10", "cifar100"):
@@ -306,7 +311,8 @@ def _load(name, data_dir, train, synthetic_size, img_size):
             split = ("train+unlabeled" if train is True else "train") if train else "test"
             return datasets.STL10(data_dir, split=split, download=True)
         if name == "tiny-imagenet":
-            return datasets.ImageFolder(os.path.join(data_dir, "train")) if train else tiny_imagenet_val(data_dir)
+            return (datasets.ImageFolder(os.path.join(data_dir, "train")) if train
+                    else tiny_imagenet_val(data_dir))
         return datasets.ImageFolder(os.path.join(data_dir, "train" if train else "val"))
     except Exception as e:  # offline download, missing folder, empty folder
         if not existed and os.path.isdir(data_dir) and not os.listdir(data_dir):
@@ -324,12 +330,14 @@ _MEMORY = {}  # memory_key -> MemoryImages: a process loads each dataset once
 
 class MemoryImages:
     """A dataset as ONE uint8 tensor (n, H, W, C), C = 1 (grey, expanded per batch) or 3, and labels (n,).
-    to(cuda) puts it on the GPU when it takes under a quarter of the free memory, else in pinned host memory."""
+    to(cuda) puts it on the GPU when it takes under a quarter of the free memory,
+    else in pinned host memory."""
 
     def __init__(self, images, labels):
         images = images if torch.is_tensor(images) else torch.as_tensor(np.ascontiguousarray(images))
         self.images = (images if images.ndim == 4 else images[..., None]).contiguous()   # (n, H, W, C)
-        self.labels = labels if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.labels = (labels if torch.is_tensor(labels)
+                       else torch.as_tensor(np.asarray(labels, dtype=np.int64)))
         self.n, self.H, self.W = self.images.shape[:3]
 
     def __len__(self):
@@ -468,7 +476,8 @@ class CropWithBox:
     follow the image: box = (top, left, height, width) as fractions of the source image, flip in {0, 1}."""
 
     def __init__(self, data, img_size, scale=(0.2, 1.0), color=False, interpolation="bicubic"):
-        self.rrc = T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode(interpolation))
+        self.rrc = T.RandomResizedCrop(img_size, scale=scale,
+                                       interpolation=T.InterpolationMode(interpolation))
         self.resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
         self.color = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                                 T.RandomGrayscale(0.2)]) if color else None
@@ -594,9 +603,11 @@ def resample(x, top, left, h, w, size, mode="bilinear"):
         c = (torch.arange(size, device=x.device) + 0.5) / size                # (S,) output pixel centres
         gy = (top[:, None] + h[:, None] * c) / H * 2 - 1                       # (B, S) in [-1, 1]
         gx = (left[:, None] + w[:, None] * c) / W * 2 - 1
-        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1).to(x.dtype)  # (B, S, S, 2)
+        # (B, S, S, 2)
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1).to(x.dtype)
         cubic = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
-        out = cubic if out is None else torch.where(((h > size) | (w > size))[:, None, None, None], out, cubic)
+        out = cubic if out is None else torch.where(((h > size) | (w > size))[:, None, None, None],
+                                                    out, cubic)
     return out                                                                  # (B, 3, size, size)
 
 
@@ -612,7 +623,8 @@ def random_crop(x, draws, size, scale, mode):
     if isinstance(x, FileImages):  # files of their own sizes: boxes drawn on the host, where they are cut
         top, left, h, w = crop_params((x.host_draws or draws).at(draws.skip(22), 22), x.H, x.W, scale)
         out, f = flip(x.crop(top, left, h, w, size, mode), draws(1)[:, 0])
-        box = torch.stack([top / x.H, left / x.W, h / x.H, w / x.W], 1).float().to(f.device, non_blocking=True)
+        box = (torch.stack([top / x.H, left / x.W, h / x.H, w / x.W], 1).float()
+               .to(f.device, non_blocking=True))
         return out, torch.cat([box, f.float()[:, None]], 1)
     H, W = x.shape[-2:]
     top, left, h, w = crop_params(draws(22), H, W, scale)
@@ -629,7 +641,7 @@ def gray(x):
 def hue_shift(x, shift):
     """Adds shift (B,) to every pixel's hue (a fraction of the colour circle), saturation and value kept:
     torchvision's adjust_hue, through HSV written for a batch."""
-    v, vi = x.max(1)                                                          # (B, H, W) value, argmax channel
+    v, vi = x.max(1)                                                         # (B, H, W) value, argmax channel
     c = v - x.min(1).values                                                  # chroma
     r, g, b = x.unbind(1)
     d = torch.where(vi == 0, g - b, torch.where(vi == 1, b - r, r - g))     # hue sector offset x chroma
@@ -644,7 +656,8 @@ def color_jitter(x, u, brightness, contrast, saturation, hue, mean_scale=None):
     is a random permutation per image (argsort of 4 uniforms), factors ~ U(1 -+ a), hue shift ~ U(-+ hue).
     Brightness, contrast and saturation blend towards black, the mean grey level, the grey image. The costly
     hue op runs once: first every image's blends that come before its hue, then the hue, then the rest.
-    mean_scale (B,): contrast's grey level is the image's mean times it (a crop standing in for its source)."""
+    mean_scale (B,): contrast's grey level is the image's mean times it
+    (a crop standing in for its source)."""
     order = u[:, :4].argsort(1)                                               # (B, 4)
     hue_at = (order == 3).int().argmax(1)                                     # (B,) the hue op's place
     amp = torch.tensor([brightness, contrast, saturation], device=x.device)
@@ -658,7 +671,8 @@ def color_jitter(x, u, brightness, contrast, saturation, hue, mean_scale=None):
             g = gray(x)                                                       # (B, 1, H, W)
             m = g.mean((1, 2, 3), keepdim=True) * (1 if mean_scale is None else mean_scale.view(-1, 1, 1, 1))
             toward = torch.addcmul(m * is_c, g, is_s)                         # black / mean grey / grey
-            x = torch.lerp(toward, x, f).clamp_(0, 1)                         # f x + (1 - f) toward; x at f = 1
+            # f x + (1 - f) toward; x at f = 1
+            x = torch.lerp(toward, x, f).clamp_(0, 1)
         if before and hue:
             x = hue_shift(x, (2 * u[:, 7] - 1) * hue)
     return x
@@ -697,7 +711,8 @@ def normalize_batch(x, data):
 
 class BatchCrop:
     """Batched mim_transform (`color`: jitter + grey) or CropWithBox (`with_box`: also the boxes (B, 5)).
-    `source_jitter` (brightness, contrast, saturation, hue): a colour jitter of the whole image first (DTM)."""
+    `source_jitter` (brightness, contrast, saturation, hue):
+    a colour jitter of the whole image first (DTM)."""
 
     def __init__(self, data, img_size, scale=(0.2, 1.0), color=False, with_box=False, source_jitter=None,
                  interpolation="bicubic"):
@@ -733,13 +748,16 @@ class BatchMultiCrop:
                  local_scale=(0.05, 0.25), blur=(1.0, 0.1, 0.5), interpolation="bicubic"):
         self.data, self.mode, self.blur = data, interpolation, blur
         self.kinds = [(global_size, global_scale, blur[0], 0.0), (global_size, global_scale, blur[1], 0.2)]
-        self.kinds += [(local_size, local_scale, blur[2], 0.0)] * n_local     # (size, scale, p blur, p solarize)
-        self.sigma = (0.1 * global_size / 224, 2.0 * global_size / 224)       # DINO's radius at 224 px, scaled
+        # (size, scale, p blur, p solarize)
+        self.kinds += [(local_size, local_scale, blur[2], 0.0)] * n_local
+        # DINO's radius at 224 px, scaled
+        self.sigma = (0.1 * global_size / 224, 2.0 * global_size / 224)
 
     def __call__(self, x, draws):
-        if isinstance(x, FileImages):  # image files: announce every view's box first, so one decode serves all
-            start = draws.used                                                # a view takes 36 draws: crop 22,
-            for j, (size, scale, *_) in enumerate(self.kinds):                # flip 1, colour 10, blur 3
+        # image files: announce every view's box first, so one decode serves all
+        if isinstance(x, FileImages):
+            start = draws.used                                              # a view takes 36 draws: crop 22,
+            for j, (size, scale, *_) in enumerate(self.kinds):              # flip 1, colour 10, blur 3
                 _, _, h, w = crop_params((x.host_draws or draws).at(start + 36 * j, 22), x.H, x.W, scale)
                 x.expect(h, w, size, size)
         views = []
@@ -784,7 +802,7 @@ class BatchEval:
         H, W = x.hw.double().unbind(1)                                              # (B,) header sizes
         wide = H <= W
         hw = torch.stack([torch.where(wide, r, (r * H / W).long()),
-                          torch.where(wide, (r * W / H).long(), r)], 1)                     # (B, 2) shorter side r
+                          torch.where(wide, (r * W / H).long(), r)], 1)             # (B, 2) shorter side r
         tl = torch.round((hw - s) / 2).long()                                       # (B, 2) CenterCrop(s)
         return normalize_batch(x.resize_crop(hw, tl, s, self.squash), self.data)
 
@@ -792,17 +810,17 @@ class BatchEval:
 # ----------------------------------------------------------------------------
 # Image files (ImageNet, large folders): loader workers only read each file's bytes and its header size; the
 # main process draws the crop boxes (Draws, as above), decodes every image once per step (nvJPEG in batches on
-# CUDA; PIL in threads on the CPU, at a reduced JPEG scale when every box allows it), crops and resizes each box
-# (one op per image), and the batched view does the rest (flip, colour, blur, solarize, normalise).
+# CUDA; PIL in threads on the CPU, at a reduced JPEG scale when every box allows it), crops and resizes each
+# box (one op per image), and the batched view does the rest (flip, colour, blur, solarize, normalise).
 
 JPEG_DRAFT = True  # CPU: let PIL decode a JPEG at 1/2..1/8 scale when no box then falls below its output size
 _THREADS = []      # the decode thread pool, made on first use
 
 
 class FileBytes(torch.utils.data.Dataset):
-    """Worker side of the file path: key -> (key, bytes (n,) uint8, (H, W) from the header, label, whether it is
-    an RGB or grey JPEG (nvJPEG's)). A file PIL cannot identify gets size (0, 0); the main process then tries to
-    decode it and reports it."""
+    """Worker side of the file path: key -> (key, bytes (n,) uint8, (H, W) from the header, label, whether it
+    is an RGB or grey JPEG (nvJPEG's)). A file PIL cannot identify gets size (0, 0); the main process then
+    tries to decode it and reports it."""
 
     def __init__(self, samples):
         self.samples = samples  # [(path, label)]
@@ -850,15 +868,16 @@ def _pil_decode(data, req=None):
 class FileImages:
     """One batch of image files: the compressed bytes, header sizes hw (B, 2), and the decoded images (made
     once, on the first crop). The views call random_crop / BatchEval on it as on an image tensor; `expect`
-    announces later boxes so that one decode serves them all (multi-crop). host_draws: the batch's Draws on the
-    host, for the boxes (so that a CUDA step never waits for the device to cut them)."""
+    announces later boxes so that one decode serves them all (multi-crop). host_draws: the batch's Draws on
+    the host, for the boxes (so that a CUDA step never waits for the device to cut them)."""
 
     def __init__(self, data, hw, paths, device, jpeg=None, tensors=None, host_draws=None):
         self.data, self.hw, self.paths, self.device, self.host_draws = data, hw, paths, device, host_draws
         self.jpeg = jpeg or [False] * len(data)                             # RGB / grey JPEGs: for nvJPEG
         self.tensors = device.type == "cuda" if tensors is None else tensors  # decode and crop as tensors
         self.H, self.W = hw[:, 0], hw[:, 1]                                 # (B,) on the host
-        self.need = torch.zeros(len(data), 2, dtype=torch.float64)          # (B, 2) decode size needed, (w, h)
+        # (B, 2) decode size needed, (w, h)
+        self.need = torch.zeros(len(data), 2, dtype=torch.float64)
         self.images = None
         for b in (hw.min(1).values == 0).nonzero()[:, 0].tolist():          # header unreadable: say why
             self.decode_one(b)
@@ -882,7 +901,8 @@ class FileImages:
 
     def decode(self):
         """CUDA: JPEGs in one nvJPEG batch (torchvision.io.decode_jpeg), anything else with PIL, as (3, H, W)
-        uint8 tensors on the device. CPU: RGB PIL images decoded in threads, each at the scale `need` allows."""
+        uint8 tensors on the device.
+        CPU: RGB PIL images decoded in threads, each at the scale `need` allows."""
         if self.images is not None:
             return
         B = len(self.data)
@@ -892,9 +912,11 @@ class FileImages:
             try:
                 import warnings
                 from torchvision.io import ImageReadMode, decode_jpeg
-                with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec, not a dependency here
+                # torchvision 0.29 points to TorchCodec, not a dependency here
+                with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    out = decode_jpeg([self.data[b] for b in jpeg], mode=ImageReadMode.RGB, device=self.device)
+                    out = decode_jpeg([self.data[b] for b in jpeg], mode=ImageReadMode.RGB,
+                                      device=self.device)
                 for b, t in zip(jpeg, out):
                     self.images[b] = t                                      # (3, H, W) uint8, grey expanded
             except Exception:  # a broken JPEG in the batch: PIL decodes them all, and names the broken one
@@ -938,8 +960,8 @@ class FileImages:
         t, l, hh, ww = (v.tolist() for v in (top, left, h, w))
         if self.tensors:
             return self._stack(lambda b: F.interpolate(
-                self.images[b][None, :, t[b]:t[b] + hh[b], l[b]:l[b] + ww[b]].float(), (size, size), mode=mode,
-                antialias=True, align_corners=False))
+                self.images[b][None, :, t[b]:t[b] + hh[b], l[b]:l[b] + ww[b]].float(), (size, size),
+                mode=mode, antialias=True, align_corners=False))
         resample = Image.BICUBIC if mode == "bicubic" else Image.BILINEAR
 
         def one(b):
@@ -951,8 +973,8 @@ class FileImages:
         return self._stack(one)
 
     def resize_crop(self, hw, tl, size, squash):
-        """eval_transform for each image: resize to hw (B, 2) (bicubic), then the size x size crop at tl (B, 2);
-        squash: the whole image to size x size (bilinear, AMT's refresh)."""
+        """eval_transform for each image: resize to hw (B, 2) (bicubic), then the size x size crop at tl
+        (B, 2); squash: the whole image to size x size (bilinear, AMT's refresh)."""
         if squash:
             hw, tl = torch.full_like(self.hw, size), torch.zeros_like(self.hw)
         self.need = torch.maximum(self.need, hw.flip(1).double())
@@ -960,8 +982,8 @@ class FileImages:
         mode = "bilinear" if squash else "bicubic"
         (rh, rw), (t, l) = hw.T.tolist(), tl.T.tolist()
         if self.tensors:
-            return self._stack(lambda b: F.interpolate(self.images[b][None].float(), (rh[b], rw[b]), mode=mode,
-                                                       antialias=True, align_corners=False)
+            return self._stack(lambda b: F.interpolate(self.images[b][None].float(), (rh[b], rw[b]),
+                                                       mode=mode, antialias=True, align_corners=False)
                                [..., t[b]:t[b] + size, l[b]:l[b] + size])
         resample = Image.BILINEAR if squash else Image.BICUBIC
         return self._stack(lambda b: self.images[b].resize((rw[b], rh[b]), resample)
@@ -1046,7 +1068,8 @@ class EpochSampler(torch.utils.data.Sampler):
         """This rank's keys for the epoch, (len(self),) int64."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         idx = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        idx = torch.cat([idx, idx[: self.per_rank * self.world - self.n]]) if len(idx) < self.per_rank * self.world else idx
+        idx = (torch.cat([idx, idx[: self.per_rank * self.world - self.n]])
+               if len(idx) < self.per_rank * self.world else idx)
         mine = idx[self.rank: self.per_rank * self.world: self.world][self.skip:]
         return mine + self.epoch * self.n
 
@@ -1117,7 +1140,8 @@ def save_picture(path, rows, labels, min_tile=96, pad=2):
     from PIL import ImageDraw
     n, (h, w) = rows[0].shape[0], rows[0].shape[-2:]
     s = max(1, math.ceil(min_tile / min(h, w)))
-    tiles = [F.interpolate(r.detach().float().cpu().clamp(0, 1).expand(-1, 3, -1, -1), scale_factor=s, mode="nearest")
+    tiles = [F.interpolate(r.detach().float().cpu().clamp(0, 1).expand(-1, 3, -1, -1), scale_factor=s,
+                           mode="nearest")
              for r in rows]                                             # (n, 3, s*h, s*w) each
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     margin = 8 + max(int(draw.textlength(label)) for label in labels)
@@ -1205,7 +1229,8 @@ def extract(encoder, ds, transform, batch_size=256, device="cpu", num_workers=No
             sampler=list(range(rank, len(ds), world)), pin_memory=str(device).startswith("cuda"),
             worker_init_fn=_worker_init)
     encoder.eval().to(device)
-    amp = torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
+    amp = (torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda")
+           else torch.autocast("cpu", enabled=False))
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, disable=rank != 0 or not sys.stderr.isatty(), leave=False):
         with amp:
@@ -1298,7 +1323,8 @@ def probe(encoder, data, data_dir, img_size, device="cpu", batch_size=256, num_w
         tr_f, tr_y, te_f, te_y = torch.load(cache, weights_only=True)
     else:
         tf = eval_transform(data, img_size)
-        kw = dict(batch_size=batch_size, device=device, num_workers=num_workers, batched=BatchEval(data, img_size))
+        kw = dict(batch_size=batch_size, device=device, num_workers=num_workers,
+                  batched=BatchEval(data, img_size))
         fit, score = ("probe-train", False) if split == "test" else ("probe-rest", "val")
         tr_f, tr_y = extract(encoder, build_dataset(data, data_dir, fit, synthetic_size=synthetic_size,
                                                     img_size=img_size), tf, **kw)
@@ -1370,7 +1396,8 @@ COMPILE = {"dynamic": False}  # --compile's torch.compile options: one static gr
 
 def benchmark_images(n, size, device, seed=0):
     """--benchmark's training set: n random uint8 images (n, size, size, 3) made on `device` and held as an
-    in-memory set, so make_loader augments them there with the method's own batched view: no files, no workers."""
+    in-memory set, so make_loader augments them there with the method's own batched view:
+    no files, no workers."""
     g = torch.Generator(device=device).manual_seed(seed)
     images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, device=device, generator=g)
     return MemoryImages(images, torch.zeros(n, dtype=torch.long, device=device))
@@ -1381,12 +1408,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def benchmark(label, batches, micro_step, flops_fn, steps, images_per_step, device, peak_tflops, log, note=""):
+def benchmark(label, batches, micro_step, flops_fn, steps, images_per_step, device,
+              peak_tflops, log, note=""):
     """Times `steps` optimizer steps after BENCHMARK_WARMUP untimed ones, with a device synchronisation at the
     two ends only. Step i is micro_step(batch, micro, i) over the fixed micro-batches `batches` (the training
-    loop's own step function). flops_fn(out): FLOPs of one micro-batch from the last micro_step output, counted
-    after the timing. peak_tflops: the GPU's dense peak (0 = unknown: MFU n/a). Prints one line,
-    `benchmark | label | n steps | img/s | ms/step | TFLOP/s | MFU | peak mem` (+ note); returns the figures."""
+    loop's own step function). flops_fn(out): FLOPs of one micro-batch from the last micro_step output,
+    counted after the timing. peak_tflops: the GPU's dense peak (0 = unknown: MFU n/a). Prints one line,
+    `benchmark | label | n steps | img/s | ms/step | TFLOP/s | MFU | peak mem` (+ note);
+    returns the figures."""
     def step(i):
         for micro, batch in enumerate(batches):
             out = micro_step(batch, micro, i)
@@ -1408,8 +1437,9 @@ def benchmark(label, batches, micro_step, flops_fn, steps, images_per_step, devi
         import resource
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak RSS (KiB)
     flops = flops_fn(out) * len(batches)
-    r = {"label": label, "steps": steps, "img_s": images_per_step * steps / seconds, "ms": 1000 * seconds / steps,
-         "flops": flops, "tflops": flops * steps / seconds / 1e12, "peak_mem_gb": peak_mem}
+    r = {"label": label, "steps": steps, "img_s": images_per_step * steps / seconds,
+         "ms": 1000 * seconds / steps, "flops": flops, "tflops": flops * steps / seconds / 1e12,
+         "peak_mem_gb": peak_mem}
     r["mfu"] = 100 * r["tflops"] / peak_tflops if peak_tflops else None
     log.print(f"benchmark | {label} | {steps} steps | {r['img_s']:.1f} img/s | {r['ms']:.1f} ms/step | "
               f"{r['tflops']:.3g} TFLOP/s | MFU " + (f"{r['mfu']:.1f}%" if peak_tflops else "n/a")

@@ -33,8 +33,8 @@ Deviations from the official code:
   bicubic crops in batches on the device (common.py): grid sampling (cubic a = -0.75, PIL's -0.5), a box
   larger than the output bilinear with area averaging (no batched antialiased bicubic); ImageNet and large
   folders: decoded once per step in the main process (a reduced JPEG scale on the CPU where the crop allows
-  it, nvJPEG on CUDA), cropped per image (PIL bicubic / antialiased on CUDA), then jittered: the jitter acts on
-  the crop, its contrast toward the whole image's mean grey (equal to jitter-then-crop up to clipping).
+  it, nvJPEG on CUDA), cropped per image (PIL bicubic / antialiased on CUDA), then jittered: the jitter acts
+  on the crop, its contrast toward the whole image's mean grey (equal to jitter-then-crop up to clipping).
 Where the paper's text differs the code is followed: even/odd split with token 0 protected (not random),
 tokens to remove sampled (not groups left), 0/1 groups divided by size (= the paper's row-normalised
 matrices), loss over the N broadcast positions (a group of m counts m times).
@@ -78,7 +78,8 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
-    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class; 0 = all
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class;
+                                   # 0 = all
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -112,7 +113,8 @@ class Config:
     min_mask_block: int = 16       # smallest masking block in patches (paper 16; scaled recipe 4)
     layer_scale: float = 0.1       # LayerScale init of the student (paper 0.1 for Small/Base)
     drop_path: float = 0.0         # student stochastic depth; official script default 0.1, but its 300-epoch
-                                   # recipe (BEiT v2's, spec 6.1) and the scaled one (6.2) use 0: all presets 0
+                                   # recipe (BEiT v2's, spec 6.1) and the scaled one (6.2) use 0:
+                                   # all presets 0
     loss_beta: float = 2.0         # smooth-L1 beta (code default loss)
 
 
@@ -120,8 +122,9 @@ def preset(data: str, given: dict) -> dict:
     """ImageNet: the code's values, BEiT v2's 300-epoch ones where DTM's template has a placeholder
     (spec Sec. 6.1); small data: the spec's scaled recipe (6.2). lr = blr * sqrt(batch / 256) is the
     paper's 1.5e-3 * sqrt(batch / 2048); drop path 0, AdamW betas (0.9, 0.98), clip 3, min lr 1e-5."""
-    small = dict(model="vit_tiny", img_size=32, patch_size=4, epochs=200, batch_size=512, blr=1.5e-3 / 8 ** 0.5,
-                 weight_decay=0.05, warmup_epochs=10, mask_ratio=0.4, min_mask_block=4, morph_k_max=8)
+    small = dict(model="vit_tiny", img_size=32, patch_size=4, epochs=200, batch_size=512,
+                 blr=1.5e-3 / 8 ** 0.5, weight_decay=0.05, warmup_epochs=10, mask_ratio=0.4,
+                 min_mask_block=4, morph_k_max=8)
     big = dict(small, model="vit_base", img_size=224, patch_size=16, epochs=300, batch_size=256,  # x 8 GPUs
                mask_ratio=75 / 196, min_mask_block=16, morph_k_max=14)
     return {"imagenet": big, "folder": {**big, "model": "vit_small"}, "cifar10": small, "cifar100": small,
@@ -132,7 +135,8 @@ def preset(data: str, given: dict) -> dict:
             }[data]
 
 def check_config(cfg: Config):
-    """Every flag in its range and the combinations this file needs, at parse time: one line, nothing written."""
+    """Every flag in its range and the combinations this file needs, at parse time:
+    one line, nothing written."""
     c = common
     c.check_fields(cfg, {
         "model": c.one_of(*VIT_SIZES), "teacher": c.one_of("clip", "ema", "random"),
@@ -140,12 +144,15 @@ def check_config(cfg: Config):
         "mask_ratio": c.fraction(), "min_mask_block": c.at_least(1), "layer_scale": c.at_least(0),
         "loss_beta": c.at_least(0), "drop_path": c.between(0, 1, open_hi=True)})
     if cfg.img_size % cfg.patch_size:
-        die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; pick sizes that divide")
+        die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; "
+            "pick sizes that divide")
     N = (cfg.img_size // cfg.patch_size) ** 2
     if not 0 < round(cfg.mask_ratio * N) < N:
-        die(f"--mask_ratio {cfg.mask_ratio} hides {round(cfg.mask_ratio * N)} of {N} patches; it must hide some but not all")
+        die(f"--mask_ratio {cfg.mask_ratio} hides {round(cfg.mask_ratio * N)} of {N} patches; "
+            "it must hide some but not all")
     if cfg.teacher == "clip" and not os.path.isfile(cfg.teacher_ckpt):
-        die(f"--teacher clip needs --teacher_ckpt, a local ViT-B-16.pt file; {cfg.teacher_ckpt or '(none)'} is not a file")
+        die("--teacher clip needs --teacher_ckpt, a local ViT-B-16.pt file; "
+            f"{cfg.teacher_ckpt or '(none)'} is not a file")
 
 # >>> shared: parse_config
 def parse_config(argv=None) -> Config:
@@ -160,7 +167,8 @@ def parse_config(argv=None) -> Config:
             die(f"unknown argument {arg!r}; valid flags: " + " ".join(f"--{k}" for k in fields))
         typ = fields[key]
         if not eq:
-            val = "1" if typ is bool and (not args or args[0].startswith("--")) else (args.pop(0) if args else "")
+            val = ("1" if typ is bool and (not args or args[0].startswith("--"))
+                   else (args.pop(0) if args else ""))
         try:
             if typ is bool:
                 given[key] = {"1": True, "true": True, "0": False, "false": False}[val.lower()]
@@ -205,7 +213,8 @@ def sincos_pos_embed(dim, gh, gw, device=None):
     """Fixed 2-D sin-cos positions (MAE layout): first half of the channels encodes the column, second
     half the row; each half is [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
+                                indexing="ij")
 
     def enc(p):  # (N,) -> (N, dim/2)
         a = p.flatten().double()[:, None] * omega[None]
@@ -236,7 +245,8 @@ class Attention(nn.Module):
 
     def forward(self, x, return_attn=False):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        # 3 x (B, h, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, T, hd)
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
@@ -284,7 +294,8 @@ class ViT(nn.Module):
                  layer_scale=0.0, cls_token=True):
         super().__init__()
         if img_size % patch_size:
-            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; pick sizes that divide")
+            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; "
+                "pick sizes that divide")
         self.patch_size, self.dim, self.grid = patch_size, dim, img_size // patch_size
         self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -348,7 +359,8 @@ def block_mask(B, gh, gw, num_masked, min_block=16, device="cpu", attempts=30):
     extra patches then make the count exact. -> (B, N) bool, True = hidden."""
     if not 0 < num_masked < gh * gw:
         die(f"--mask_ratio hides {num_masked} of {gh * gw} patches; it must hide some but not all")
-    rows, cols = torch.arange(gh, device=device).view(1, gh, 1), torch.arange(gw, device=device).view(1, 1, gw)
+    rows, cols = (torch.arange(gh, device=device).view(1, gh, 1),
+                  torch.arange(gw, device=device).view(1, 1, gw))
     mask = torch.zeros(B, gh, gw, dtype=torch.bool, device=device)
     fails = torch.zeros(B, 1, 1, dtype=torch.long, device=device)
     for _ in range(attempts):  # a loop over placement attempts, never over images
@@ -387,13 +399,15 @@ class CLIPVisual(nn.Module):
         self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(
             width, width // 64, 4 * width, dropout=0.0, activation=lambda x: x * torch.sigmoid(1.702 * x),
             layer_norm_eps=1e-5, batch_first=True, norm_first=True) for _ in range(depth))  # QuickGELU
-        for old, new in [("transformer.resblocks.", "blocks."), (".attn.", ".self_attn."), (".ln_1.", ".norm1."),
-                         (".ln_2.", ".norm2."), (".mlp.c_fc.", ".linear1."), (".mlp.c_proj.", ".linear2.")]:
+        for old, new in [("transformer.resblocks.", "blocks."), (".attn.", ".self_attn."),
+                         (".ln_1.", ".norm1."), (".ln_2.", ".norm2."), (".mlp.c_fc.", ".linear1."),
+                         (".mlp.c_proj.", ".linear2.")]:
             sd = {k.replace(old, new): v for k, v in sd.items()}          # OpenAI names -> torch's
         self.load_state_dict(sd)                                           # copied into the fp32 weights
 
     def forward(self, images):
-        x = self.conv1(images).flatten(2).transpose(1, 2).float()           # (B, N, W) fp32 stream (see header)
+        # (B, N, W) fp32 stream (see header)
+        x = self.conv1(images).flatten(2).transpose(1, 2).float()
         x = torch.cat([self.class_embedding.expand(len(x), 1, -1), x], 1)   # (B, 1+N, W)
         x = self.ln_pre(x + self.positional_embedding)
         for blk in self.blocks:
@@ -418,7 +432,8 @@ def load_clip_visual(path):
     if "conv1.weight" not in sd or "proj" not in sd:
         die(f"--teacher_ckpt {path} holds no CLIP image tower (no visual.conv1.weight / visual.proj)")
     tower = CLIPVisual(sd)
-    tower.file = {"path": os.path.abspath(path), "sha256": sha256_of(path)}  # checkpoints keep this, not weights
+    # checkpoints keep this, not weights
+    tower.file = {"path": os.path.abspath(path), "sha256": sha256_of(path)}
     return tower
 
 
@@ -463,14 +478,16 @@ class Model(nn.Module):
         else:
             die(f"unknown --teacher {cfg.teacher}; choose clip, ema or random")
         self.teacher.requires_grad_(False)  # no dropout or drop path in it: train/eval mode is moot
-        self.head = nn.Linear(self.encoder.dim, self.teacher.proj.shape[1] if cfg.teacher == "clip" else self.encoder.dim)
+        self.head = nn.Linear(self.encoder.dim,
+                              self.teacher.proj.shape[1] if cfg.teacher == "clip" else self.encoder.dim)
 
     def mask_and_schedule(self, B, gh, gw, device):
         """Block mask (B, N) and [(r_l, k_l)] for this step, shared by the batch (Sec. 3, 4.1)."""
         mask = block_mask(B, gh, gw, round(self.cfg.mask_ratio * gh * gw), self.cfg.min_mask_block, device)
         if self.cfg.morph == "off":  # the baseline: token-wise targets
             return mask, [(0, 1)]
-        return mask, sample_schedule(self.cfg.morph_levels, self.cfg.morph_n_max or gh * gw, self.cfg.morph_k_max)
+        return mask, sample_schedule(self.cfg.morph_levels, self.cfg.morph_n_max or gh * gw,
+                                     self.cfg.morph_k_max)
 
     @torch.no_grad()
     def targets(self, images):
@@ -479,7 +496,8 @@ class Model(nn.Module):
         gh, gw = images.shape[-2] // self.cfg.patch_size, images.shape[-1] // self.cfg.patch_size
         if self.cfg.teacher == "clip":  # ln_post(tokens) @ proj, raw (Sec. 2.2), at the tower's 224 px
             s = self.teacher.input_size
-            x = self.teacher(F.interpolate(images, (s, s), mode="bicubic") if images.shape[-1] != s else images)
+            x = self.teacher(F.interpolate(images, (s, s), mode="bicubic") if images.shape[-1] != s
+                             else images)
             g = math.isqrt(x.shape[1])  # grids differ: average-pool the token map (spec Sec. 2.3)
             x = F.adaptive_avg_pool2d(x.transpose(1, 2).unflatten(2, (g, g)), (gh, gw))  # (B, C, gh, gw)
             return x.flatten(2).transpose(1, 2).float()                  # (B, N, C)
@@ -492,7 +510,8 @@ class Model(nn.Module):
         z = self.encoder(images, mask=mask, mask_token=self.mask_token)   # (B, 1+N, D)
         pred = self.head(z[:, 1:])                                        # (B, N, C); [CLS] unused
         loss, groups = dtm_loss(pred, target, schedule, self.cfg.loss_beta)
-        return loss, {"groups": groups, "tgt_std": target.std(dim=(0, 1)).mean()}  # ~0: a collapsed EMA teacher
+        # ~0: a collapsed EMA teacher
+        return loss, {"groups": groups, "tgt_std": target.std(dim=(0, 1)).mean()}
 
     @torch.no_grad()
     def ema_update(self, momentum):
@@ -529,9 +548,11 @@ class Model(nn.Module):
             mask, [(r, k), *_] = self.mask_and_schedule(n, gh, gw, x.device)
         G = morph_partition(self.targets(x), r, k)                       # (n, groups, N)
         gid = G.argmax(1)                                                 # (n, N) group of every patch
-        colours = torch.rand(gh * gw, 3, generator=torch.Generator().manual_seed(0)).to(x.device)[gid]  # (n, N, 3)
+        # (n, N, 3)
+        colours = torch.rand(gh * gw, 3, generator=torch.Generator().manual_seed(0)).to(x.device)[gid]
         single = (G.sum(-1).gather(1, gid) == 1).float()                  # (n, N) tokens left alone
-        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in common.DATASETS[self.cfg.data][2])
+        mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1)
+                     for v in common.DATASETS[self.cfg.data][2])
         up = lambda m: F.interpolate(m.reshape(n, -1, gh, gw).float(), scale_factor=p)  # (n, c, N) -> pixels
         shown = (x * std + mean).clamp(0, 1)
         tint = 0.35 * shown + 0.65 * up(colours.transpose(1, 2))          # a colour per group over the image
@@ -641,7 +662,8 @@ def setup_distributed(device_flag):
     if device_flag == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA device is visible; use --device cpu")
     if "RANK" in os.environ:
-        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                              int(os.environ["WORLD_SIZE"]))
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -664,7 +686,8 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
 
 def param_groups(model, weight_decay, skip=()):
     """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
-    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
+    the parameters whose last name part is in `skip`
+    (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -707,8 +730,8 @@ class resuming:
 
     def __exit__(self, kind, err, tb):
         if kind is not None and issubclass(kind, (RuntimeError, ValueError, KeyError)):
-            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); resume with "
-                "the settings it was saved with (warning above) or pick a new --out_dir")
+            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); "
+                "resume with the settings it was saved with (warning above) or pick a new --out_dir")
 
 
 def nonfinite_error(step, path):
@@ -722,7 +745,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or choose another --out_dir")
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+            "delete it or choose another --out_dir")
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         die(f"{path} is not a checkpoint of this collection; choose another --out_dir")
     if ckpt["method"] != METHOD:
@@ -734,7 +758,8 @@ class Logger:
     """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl (no files: out_dir "")."""
 
     def __init__(self, out_dir, master):
-        self.master, self.out_dir = master, out_dir  # the folder is made at the first line: none on a failed start
+        # the folder is made at the first line: none on a failed start
+        self.master, self.out_dir = master, out_dir
 
     def print(self, msg):
         if self.master:
@@ -758,7 +783,8 @@ def peak_memory_gb(device):
 
 
 _stop_signal = []  # set by SIGTERM: save and leave after this step
-STOP_GRACE_S = 60  # after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+# after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+STOP_GRACE_S = 60
 
 
 def _on_sigterm(signum, frame):
@@ -774,14 +800,16 @@ def _hard_exit(why):
 def _watch_sigterm(fd):
     """A thread that sees every SIGTERM even while the main thread is stuck in C (a collective whose
     peer died, a hung loader): the interpreter writes the signal number to `fd` as it arrives. The first
-    starts the grace timer; one more, 2 s or later (torchrun forwards the scheduler's copy at once), ends it."""
+    starts the grace timer; one more, 2 s or later
+    (torchrun forwards the scheduler's copy at once), ends it."""
     first = None
     while True:
         if signal.SIGTERM not in os.read(fd, 64):
             continue
         if first is None:
             first = time.time()
-            timer = threading.Timer(STOP_GRACE_S, _hard_exit, [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
+            timer = threading.Timer(STOP_GRACE_S, _hard_exit,
+                                    [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
             timer.daemon = True
             timer.start()
         elif time.time() - first > 2:
@@ -828,7 +856,8 @@ class RunControl:
             self.t_save = time.time()
         if self.world > 1:  # after the reset above, so one save request is not sent twice
             mine = self.mine()
-            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
+            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                            mine)
         return bool(flags[0] > 0), bool(flags[1] > 0)
 # dense bf16 tensor-core peak of one GPU in TFLOP/s (vendor sheets), the first name fragment that matches
 PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362),
@@ -841,7 +870,8 @@ def count_flops(modules, loss_fn, ctx):
     import copy
     from torch.utils.flop_counter import FlopCounterMode
     copies = copy.deepcopy(modules)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = ([torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized()
+               else [])
     with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
         with ctx:
             loss = loss_fn(*copies)
@@ -884,8 +914,8 @@ def train(cfg: Config):
     transform = common.mim_transform(cfg.data, cfg.img_size, scale=(0.2, 1.0))
     transform.transforms.insert(0, ColorJitter(0.4, 0.4, 0.4))
     batched = common.BatchCrop(cfg.data, cfg.img_size, scale=(0.2, 1.0), source_jitter=(0.4, 0.4, 0.4, 0.0))
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
-                                batched=batched, device=device)
+    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world,
+                                cfg.num_workers, batched=batched, device=device)
     eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
     steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
     if steps_per_epoch == 0 or cfg.accum_iter < 1:
@@ -898,16 +928,18 @@ def train(cfg: Config):
     model = Model(cfg).to(device)
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
     lr = cfg.blr * math.sqrt(eff_batch / 256)  # DTM scales lr with sqrt(effective batch)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, skip=("cls_token",)), lr=lr, betas=(0.9, 0.98),
-                            fused=device.type == "cuda")  # BEiT v2: pos_embed, cls_token exempt; mask token decayed
+    # BEiT v2: pos_embed, cls_token exempt; mask token decayed
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, skip=("cls_token",)), lr=lr,
+                            betas=(0.9, 0.98), fused=device.type == "cuda")
 
     # resume: the same command continues the run in out_dir
     path, step = os.path.join(cfg.out_dir, "checkpoint.pt"), 0
     if os.path.exists(path) and not cfg.benchmark:  # a benchmark starts afresh and saves nothing
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
-                                                            "save_every_min", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every",
+                                                            "knn_every", "save_every_min", "device",
+                                                            "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         with resuming(path):  # a checkpoint that no longer fits these settings: one line
@@ -926,21 +958,24 @@ def train(cfg: Config):
             dist.destroy_process_group()
         return
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
+    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} "
+              f"| params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
     log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
               f"(the paper's ImageNet run: 2048, BEiT v2's recipe)"
               f" | lr {lr:.3e} (blr {cfg.blr:.2e} x sqrt({eff_batch}/256))"
               f" | {steps_per_epoch} steps/epoch | {stop} steps")
     if cfg.data == "imagenet" and cfg.teacher != "clip":
-        log.print("note: the paper's ImageNet recipe distils a CLIP ViT-B/16 teacher (--teacher clip --teacher_ckpt"
-                  f" ViT-B-16.pt); this run uses the {dict(ema='EMA', random='frozen random')[cfg.teacher]} teacher")
+        log.print("note: the paper's ImageNet recipe distils a CLIP ViT-B/16 teacher "
+                  "(--teacher clip --teacher_ckpt ViT-B-16.pt); this run uses the "
+                  f"{dict(ema='EMA', random='frozen random')[cfg.teacher]} teacher")
 
     fwd = torch.compile(model, **common.COMPILE) if cfg.compile else model  # before DDP; we save `model`
     # the teacher's target function is compiled too
     targets = torch.compile(model.targets, **common.COMPILE) if cfg.compile else model.targets
     if world > 1:
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = nn.parallel.DistributedDataParallel(
+            fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(epoch):
         state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.trained_state(),
@@ -1001,7 +1036,8 @@ def train(cfg: Config):
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
                 model.visualize(images, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
             stop_now, save_now = control()
-            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0 or stop_now or save_now:
+            if (step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0
+                    or stop_now or save_now):
                 flags = torch.stack([bad_step.float(), torch.tensor(float(stop_now), device=device)])
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -1010,11 +1046,12 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     lr_now = opt.param_groups[0]["lr"]
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(),
+                           "lr": lr_now, "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
-                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
-                              f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
+                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | "
+                              f"lr {lr_now:.1e} | {row['ms']:.0f} ms | {row['img_s']:.0f} img/s | "
+                              f"data {100 * row['data']:.0f}%"
                               + "".join(f" | {k} {row[k]:.4g}" for k in stats))
                     log.metrics(row)
                     t_log, data_wait, log_steps = time.time(), 0.0, 0
@@ -1031,13 +1068,16 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        # not in the log's img/s
         t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
-            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)  # not in the log's img/s
+            {"config": dataclasses.asdict(cfg), "model": model.state_dict()}), device, log)
 
     wall = time.time() - t_start
     imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
-    flops = count_flops((model,), lambda m: m(images, m.targets(images))[0], ctx)  # the last step again, untimed
-    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
+    # the last step again, untimed
+    flops = count_flops((model,), lambda m: m(images, m.targets(images))[0], ctx)
+    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total"
+              f" | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
               + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:

@@ -65,7 +65,8 @@ class Config:
     # >>> shared: config
     data: str = "synthetic"        # dataset, see common.DATASETS; picks the preset below
     data_dir: str = "data"         # where the dataset lives (or downloads to, when online)
-    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class; 0 = all
+    subset: float = 0              # pre-train on the first N (>= 1) or a fraction (< 1) of each class;
+                                   # 0 = all
     out_dir: str = ""              # run folder; default out/<method>-<data>
     model: str = ""                # backbone name (see VIT_SIZES); preset picks
     img_size: int = 0              # input resolution in pixels; preset picks
@@ -88,43 +89,51 @@ class Config:
     peak_tflops: float = 0.0       # GPU dense bf16 peak for the summary's MFU (0 = from the device name)
     benchmark: int = 0             # time N optimizer steps on device-made images, no files (0 = train)
     # <<< shared: config
-    num_masks: int = 5             # K disjoint masks per image, one batch of K*B in the encoder (paper 5; 8 at 90%)
-    mask_ratio: float = 0.8        # hidden fraction per mask; visible = floor(N * (1 - ratio)) (paper 0.8; 0.9)
+    num_masks: int = 5             # K disjoint masks per image, one batch of K*B in the encoder
+                                   # (paper 5; 8 at 90%)
+    mask_ratio: float = 0.8        # hidden fraction per mask; visible = floor(N * (1 - ratio))
+                                   # (paper 0.8; 0.9)
     drop_path: float = 0.1         # stochastic depth of the online trunk; the target has none (paper 0.1)
     ca_blocks: int = 2             # class-attention pooling blocks (paper 2)
     ca_layer_scale: float = 0.1    # LayerScale init, class-attention blocks only (paper 0.1)
     proj_hidden: int = 4096        # hidden width of projector and predictor (paper 4096)
     proj_dim: int = 256            # output width of projector and predictor (paper 256)
     ema_momentum: float = 0.996    # EMA momentum at step 0, cosine to 1 at the last step (paper 0.996)
-    color_aug: bool = True         # shared crop/flip, independent colour jitter per branch (paper's best recipe)
+    color_aug: bool = True         # shared crop/flip, independent colour jitter per branch
+                                   # (paper's best recipe)
 
 
 def preset(data: str, given: dict) -> dict:
     """ImageNet = the README recipe (8 GPUs x 256 = 2048 images, lr 1.2e-3); small data = the spec's CIFAR
-    proposal (ViT-T/4, 2048-wide heads, no drop path for ViT-T, 10% warm-up); synthetic = a CPU smoke config."""
+    proposal (ViT-T/4, 2048-wide heads, no drop path for ViT-T, 10% warm-up);
+    synthetic = a CPU smoke config."""
     small = dict(model="vit_tiny", img_size=32, patch_size=4, epochs=200, batch_size=512, blr=1.5e-4,
                  weight_decay=0.1, warmup_epochs=20, drop_path=0.0, proj_hidden=2048)
     return {
-        "imagenet": dict(model="vit_base", img_size=224, patch_size=16, epochs=300, batch_size=256, blr=1.5e-4,
-                         weight_decay=0.1, warmup_epochs=40),
+        "imagenet": dict(model="vit_base", img_size=224, patch_size=16, epochs=300, batch_size=256,
+                         blr=1.5e-4, weight_decay=0.1, warmup_epochs=40),
         "cifar10": small, "cifar100": small, "fashion-mnist": small,
         "stl10": {**small, "img_size": 96, "patch_size": 8},
         "tiny-imagenet": {**small, "img_size": 64, "patch_size": 8},
         "folder": {**small, "img_size": 224, "patch_size": 16, "model": "vit_small", "batch_size": 256,
                    "drop_path": 0.1, "proj_hidden": 4096},
-        "synthetic": {**small, "model": "vit_micro", "epochs": 5, "batch_size": 64, "blr": 5e-4, "warmup_epochs": 0.5,
-                      "proj_hidden": 512, "ema_momentum": 0.99, "vis_every": 50},  # bare command: ~1 min on 2 cores
+        # bare command: ~1 min on 2 cores
+        "synthetic": {**small, "model": "vit_micro", "epochs": 5, "batch_size": 64, "blr": 5e-4,
+                      "warmup_epochs": 0.5, "proj_hidden": 512, "ema_momentum": 0.99, "vis_every": 50},
     }[data]
 
 def check_config(cfg: Config):
-    """Every flag in its range and the combinations this file needs, at parse time: one line, nothing written."""
+    """Every flag in its range and the combinations this file needs, at parse time:
+    one line, nothing written."""
     c = common
     c.check_fields(cfg, {
         "model": c.one_of(*VIT_SIZES), "num_masks": c.at_least(1), "mask_ratio": c.fraction(),
-        "drop_path": c.between(0, 1, open_hi=True), "ca_blocks": c.at_least(1), "ca_layer_scale": c.at_least(0),
-        "proj_hidden": c.at_least(1), "proj_dim": c.at_least(1), "ema_momentum": c.between(0, 1)})
+        "drop_path": c.between(0, 1, open_hi=True), "ca_blocks": c.at_least(1),
+        "ca_layer_scale": c.at_least(0), "proj_hidden": c.at_least(1), "proj_dim": c.at_least(1),
+        "ema_momentum": c.between(0, 1)})
     if cfg.img_size % cfg.patch_size:
-        die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; pick sizes that divide")
+        die(f"--img_size {cfg.img_size} is not a multiple of --patch_size {cfg.patch_size}; "
+            "pick sizes that divide")
     check_masks((cfg.img_size // cfg.patch_size) ** 2, cfg.num_masks, cfg.mask_ratio)
 
 # >>> shared: parse_config
@@ -140,7 +149,8 @@ def parse_config(argv=None) -> Config:
             die(f"unknown argument {arg!r}; valid flags: " + " ".join(f"--{k}" for k in fields))
         typ = fields[key]
         if not eq:
-            val = "1" if typ is bool and (not args or args[0].startswith("--")) else (args.pop(0) if args else "")
+            val = ("1" if typ is bool and (not args or args[0].startswith("--"))
+                   else (args.pop(0) if args else ""))
         try:
             if typ is bool:
                 given[key] = {"1": True, "true": True, "0": False, "false": False}[val.lower()]
@@ -185,7 +195,8 @@ def sincos_pos_embed(dim, gh, gw, device=None):
     """Fixed 2-D sin-cos positions (MAE layout): first half of the channels encodes the column, second
     half the row; each half is [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k / (dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
+                                indexing="ij")
 
     def enc(p):  # (N,) -> (N, dim/2)
         a = p.flatten().double()[:, None] * omega[None]
@@ -216,7 +227,8 @@ class Attention(nn.Module):
 
     def forward(self, x, return_attn=False):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, hd)
+        # 3 x (B, h, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, T, hd)
         out = self.proj(out.transpose(1, 2).reshape(B, T, D))         # (B, T, D)
         if not return_attn:
@@ -264,7 +276,8 @@ class ViT(nn.Module):
                  layer_scale=0.0, cls_token=True):
         super().__init__()
         if img_size % patch_size:
-            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; pick sizes that divide")
+            die(f"--img_size {img_size} is not a multiple of --patch_size {patch_size}; "
+                "pick sizes that divide")
         self.patch_size, self.dim, self.grid = patch_size, dim, img_size // patch_size
         self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -335,7 +348,8 @@ class ClassAttentionBlock(nn.Module):
         B, T, D = u.shape
         split = lambda t: t.view(B, t.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, T', hd)
         a = self.attn
-        out = F.scaled_dot_product_attention(split(a.q(u[:, :1])), split(a.k(u)), split(a.v(u)))  # (B, h, 1, hd)
+        # (B, h, 1, hd)
+        out = F.scaled_dot_product_attention(split(a.q(u[:, :1])), split(a.k(u)), split(a.v(u)))
         cls = cls + self.gamma_1 * a.proj(out.transpose(1, 2).reshape(B, 1, D))
         return cls + self.gamma_2 * self.mlp(self.norm2(cls))             # (B, 1, D)
 
@@ -360,19 +374,24 @@ class ExtremaEncoder(ViT):
         if cfg.model not in VIT_SIZES:
             die(f"unknown --model {cfg.model}; choose one of {', '.join(VIT_SIZES)}")
         dim, depth, heads = VIT_SIZES[cfg.model]
-        super().__init__(cfg.img_size, cfg.patch_size, dim, depth, heads, drop_path=drop_path, cls_token=False)
+        super().__init__(cfg.img_size, cfg.patch_size, dim, depth, heads, drop_path=drop_path,
+                         cls_token=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))             # the pooling query, shared by all
         self.blocks_token = nn.ModuleList(ClassAttentionBlock(dim, heads, layer_scale=cfg.ca_layer_scale)
                                           for _ in range(cfg.ca_blocks))
         self.head = mlp_head(dim, cfg.proj_hidden, cfg.proj_dim, layers=3)
-        self.init_weights()                                                # xavier Linear, LN 1/0, cls N(0, .02)
+        # xavier Linear, LN 1/0, cls N(0, .02)
+        self.init_weights()
 
     def forward(self, images, keep=None):
-        """keep: (K*B, n) visible indices, row k*B + b from image b, or None (whole image) -> (K*B or B, D)."""
+        """keep: (K*B, n) visible indices, row k*B + b from image b, or None (whole image)
+        -> (K*B or B, D)."""
         B = images.shape[0]
         x = self.patch_embed(images)                                       # (B, D, gh, gw)
-        x = x.flatten(2).transpose(1, 2).float() + self.pos_embed(*x.shape[-2:])  # (B, N, D) fp32 stream, as the ViT
-        if keep is not None:                                               # token dropping: visible tokens only
+        # (B, N, D) fp32 stream, as the ViT
+        x = x.flatten(2).transpose(1, 2).float() + self.pos_embed(*x.shape[-2:])
+        # token dropping: visible tokens only
+        if keep is not None:
             img = torch.arange(keep.shape[0], device=keep.device) % B     # (K*B,) source image of each row
             x = x[img[:, None], keep]                                      # (K*B, n, D)
         for blk in self.blocks:                                            # no class token in the trunk
@@ -391,8 +410,9 @@ def check_masks(n_patches, num_masks, mask_ratio):
     disjoint slices of one permutation, so K * n_vis must fit in N."""
     n_vis = int(n_patches * (1 - mask_ratio))
     if n_vis < 1 or num_masks < 1 or num_masks * n_vis > n_patches:
-        die(f"--num_masks {num_masks} disjoint masks of {n_vis} visible tokens (--mask_ratio {mask_ratio}) do not fit "
-            f"in {n_patches} patches; lower --num_masks or raise --mask_ratio (1 <= masks x visible <= patches)")
+        die(f"--num_masks {num_masks} disjoint masks of {n_vis} visible tokens (--mask_ratio {mask_ratio}) "
+            f"do not fit in {n_patches} patches; lower --num_masks or raise --mask_ratio "
+            "(1 <= masks x visible <= patches)")
     return n_vis
 
 
@@ -444,9 +464,11 @@ class Model(nn.Module):
         B, N = images.shape[0], self.encoder.grid ** 2
         keep = multi_mask(torch.rand(B, N, device=images.device), self.cfg.num_masks, self.cfg.mask_ratio)
         q = self.predictor(self.encoder.head(self.encoder(images, keep)))  # (K*B, C)
-        with torch.no_grad():  # collapse checks: z_std = per-dim std of z/|z| over the batch (1/sqrt(C) if spread
-            qn = F.normalize(q.float(), dim=-1).view(-1, B, q.shape[-1])   # evenly, ~0.2/sqrt(C) at init, 0 collapsed);
-            stats = {"z_std": F.normalize(z.float(), dim=-1).std(0).mean()}  # mask_cos: two masks of one image (K > 1)
+        # collapse checks: z_std = per-dim std of z/|z| over the batch (1/sqrt(C) if spread
+        # evenly, ~0.2/sqrt(C) at init, 0 collapsed); mask_cos: two masks of one image (K > 1)
+        with torch.no_grad():
+            qn = F.normalize(q.float(), dim=-1).view(-1, B, q.shape[-1])
+            stats = {"z_std": F.normalize(z.float(), dim=-1).std(0).mean()}
             stats.update({"mask_cos": (qn[0] * qn[-1]).sum(-1).mean()} if len(qn) > 1 else {})
         return extrema_loss(q, z), stats
 
@@ -457,7 +479,8 @@ class Model(nn.Module):
         x = images[:B].float()                                             # (B, 3, H, W)
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             keep = multi_mask(torch.rand(B, g * g, device=x.device), K, self.cfg.mask_ratio)
-        mean, std = (torch.tensor(s, device=x.device).view(1, 3, 1, 1) for s in common.DATASETS[self.cfg.data][2])
+        mean, std = (torch.tensor(s, device=x.device).view(1, 3, 1, 1)
+                     for s in common.DATASETS[self.cfg.data][2])
         x = (x * std + mean).clamp(0, 1)
         vis = torch.zeros(K * B, g * g, dtype=torch.bool, device=x.device).scatter_(1, keep, True)  # (K*B, N)
         vis = vis.view(K * B, 1, g, g).repeat_interleave(p, 2).repeat_interleave(p, 3)  # (K*B, 1, H, W)
@@ -498,7 +521,8 @@ def setup_distributed(device_flag):
     if device_flag == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA device is visible; use --device cpu")
     if "RANK" in os.environ:
-        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                              int(os.environ["WORLD_SIZE"]))
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -521,7 +545,8 @@ def cosine_schedule(step, total, start, end, warmup=0, warmup_from=0.0):
 
 def param_groups(model, weight_decay, skip=()):
     """AdamW groups: no weight decay on biases, norms and gains (ndim < 2, as timm's add_weight_decay) nor on
-    the parameters whose last name part is in `skip` (each method passes its official list, e.g. cls_token)."""
+    the parameters whose last name part is in `skip`
+    (each method passes its official list, e.g. cls_token)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -564,8 +589,8 @@ class resuming:
 
     def __exit__(self, kind, err, tb):
         if kind is not None and issubclass(kind, (RuntimeError, ValueError, KeyError)):
-            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); resume with "
-                "the settings it was saved with (warning above) or pick a new --out_dir")
+            die(f"{self.path} does not fit these settings ({str(err).strip().splitlines()[0][:120]}); "
+                "resume with the settings it was saved with (warning above) or pick a new --out_dir")
 
 
 def nonfinite_error(step, path):
@@ -579,7 +604,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it or choose another --out_dir")
+        die(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+            "delete it or choose another --out_dir")
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         die(f"{path} is not a checkpoint of this collection; choose another --out_dir")
     if ckpt["method"] != METHOD:
@@ -591,7 +617,8 @@ class Logger:
     """Rank 0 prints, appends to out_dir/log.txt and writes out_dir/metrics.jsonl (no files: out_dir "")."""
 
     def __init__(self, out_dir, master):
-        self.master, self.out_dir = master, out_dir  # the folder is made at the first line: none on a failed start
+        # the folder is made at the first line: none on a failed start
+        self.master, self.out_dir = master, out_dir
 
     def print(self, msg):
         if self.master:
@@ -615,7 +642,8 @@ def peak_memory_gb(device):
 
 
 _stop_signal = []  # set by SIGTERM: save and leave after this step
-STOP_GRACE_S = 60  # after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+# after a SIGTERM, a run that has not ended by itself within this many seconds is ended hard
+STOP_GRACE_S = 60
 
 
 def _on_sigterm(signum, frame):
@@ -631,14 +659,16 @@ def _hard_exit(why):
 def _watch_sigterm(fd):
     """A thread that sees every SIGTERM even while the main thread is stuck in C (a collective whose
     peer died, a hung loader): the interpreter writes the signal number to `fd` as it arrives. The first
-    starts the grace timer; one more, 2 s or later (torchrun forwards the scheduler's copy at once), ends it."""
+    starts the grace timer; one more, 2 s or later
+    (torchrun forwards the scheduler's copy at once), ends it."""
     first = None
     while True:
         if signal.SIGTERM not in os.read(fd, 64):
             continue
         if first is None:
             first = time.time()
-            timer = threading.Timer(STOP_GRACE_S, _hard_exit, [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
+            timer = threading.Timer(STOP_GRACE_S, _hard_exit,
+                                    [f"no clean stop {STOP_GRACE_S} s after SIGTERM"])
             timer.daemon = True
             timer.start()
         elif time.time() - first > 2:
@@ -685,7 +715,8 @@ class RunControl:
             self.t_save = time.time()
         if self.world > 1:  # after the reset above, so one save request is not sent twice
             mine = self.mine()
-            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True), mine)
+            self.pending = (dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                            mine)
         return bool(flags[0] > 0), bool(flags[1] > 0)
 # dense bf16 tensor-core peak of one GPU in TFLOP/s (vendor sheets), the first name fragment that matches
 PEAK_BF16_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362),
@@ -698,7 +729,8 @@ def count_flops(modules, loss_fn, ctx):
     import copy
     from torch.utils.flop_counter import FlopCounterMode
     copies = copy.deepcopy(modules)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = ([torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized()
+               else [])
     with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
         with ctx:
             loss = loss_fn(*copies)
@@ -744,8 +776,8 @@ def train(cfg: Config):
                  else common.mim_transform(cfg.data, cfg.img_size, **crop))
     batched = (common.BatchSharedCropTwoColors(cfg.data, cfg.img_size, **crop) if cfg.color_aug
                else common.BatchCrop(cfg.data, cfg.img_size, **crop))
-    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world, cfg.num_workers,
-                                batched=batched, device=device)
+    loader = common.make_loader(dataset, transform, cfg.batch_size, True, cfg.seed, rank, world,
+                                cfg.num_workers, batched=batched, device=device)
     eff_batch = cfg.batch_size * world * cfg.accum_iter  # images per optimizer step
     steps_per_epoch = len(dataset) // max(1, eff_batch)  # optimizer steps
     if steps_per_epoch == 0 or cfg.accum_iter < 1:
@@ -759,16 +791,18 @@ def train(cfg: Config):
     target = make_target(cfg, model.encoder).to(device)                # EMA encoder + projector, outside DDP
     torch.manual_seed(cfg.seed + rank)  # then one stream per rank: masks, drop path
     lr = cfg.blr * eff_batch / 256
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, skip=("cls_token",)), lr=lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")  # timm add_weight_decay with no_weight_decay()
+    # timm add_weight_decay with no_weight_decay()
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, skip=("cls_token",)), lr=lr,
+                            betas=(0.9, 0.95), fused=device.type == "cuda")
 
     # resume: the same command continues the run in out_dir
     path, step = os.path.join(cfg.out_dir, "checkpoint.pt"), 0
     if os.path.exists(path) and not cfg.benchmark:  # a benchmark starts afresh and saves nothing
         ckpt = load_checkpoint(path)
         changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every", "knn_every",
-                                                            "save_every_min", "device", "compile", "peak_tflops")}
+                   if getattr(cfg, k, v) != v and k not in ("log_every", "num_workers", "vis_every",
+                                                            "knn_every", "save_every_min", "device",
+                                                            "compile", "peak_tflops")}
         if changed:
             log.print(f"warning: resuming with changed settings (saved, now): {changed}")
         with resuming(path):  # a checkpoint that no longer fits these settings: one line
@@ -788,7 +822,8 @@ def train(cfg: Config):
             dist.destroy_process_group()
         return
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} | params {n_params / 1e6:.2f}M")
+    log.print(f"{METHOD} | torch {torch.__version__} | device {device} x {world} "
+              f"| params {n_params / 1e6:.2f}M")
     log.print("config " + json.dumps(dataclasses.asdict(cfg)))
     log.print(f"effective batch {eff_batch} = {cfg.batch_size} x {world} GPUs x accum {cfg.accum_iter} "
               f"(the paper's ImageNet run: 2048 = 8 GPUs x 256)"
@@ -798,7 +833,8 @@ def train(cfg: Config):
     # compile before DDP
     fwd, tgt = (torch.compile(m, **common.COMPILE) if cfg.compile else m for m in (model, target))
     if world > 1:
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd = nn.parallel.DistributedDataParallel(
+            fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(epoch):
         state = {"method": METHOD, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
@@ -842,7 +878,8 @@ def train(cfg: Config):
         n_vis = check_masks(N, cfg.num_masks, cfg.mask_ratio)
         res = common.benchmark(METHOD, batches, train_step, flops_fn, cfg.benchmark, eff_batch, device,
                                device_peak(device, cfg.peak_tflops), log,
-                               note=f"{cfg.num_masks} masks x {n_vis} visible of {N} patches; target on all {N}")
+                               note=f"{cfg.num_masks} masks x {n_vis} visible of {N} patches; "
+                                    f"target on all {N}")
         if world > 1:
             dist.destroy_process_group()
         return res
@@ -868,7 +905,8 @@ def train(cfg: Config):
             if master and cfg.vis_every and (step % cfg.vis_every == 0 or step == stop):
                 model.visualize(images, os.path.join(cfg.out_dir, f"vis_{step:07d}.png"))
             stop_now, save_now = control()
-            if step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0 or stop_now or save_now:
+            if (step % cfg.log_every == 0 or step == stop or step % steps_per_epoch == 0
+                    or stop_now or save_now):
                 flags = torch.stack([bad_step.float(), torch.tensor(float(stop_now), device=device)])
                 if world > 1:
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -877,11 +915,12 @@ def train(cfg: Config):
                 if step % cfg.log_every == 0 or step == stop:
                     dt = time.time() - t_log
                     lr_now = opt.param_groups[0]["lr"]
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(), "lr": lr_now,
-                           "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": loss.item(),
+                           "lr": lr_now, "ms": 1000 * dt / log_steps, "img_s": eff_batch * log_steps / dt,
                            "data": data_wait / dt, **{k: v.item() for k, v in stats.items()}}
-                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | lr {lr_now:.1e} | "
-                              f"{row['ms']:.0f} ms | {row['img_s']:.0f} img/s | data {100 * row['data']:.0f}%"
+                    log.print(f"step {step}/{stop} | ep {row['epoch']:.1f} | loss {row['loss']:.4f} | "
+                              f"lr {lr_now:.1e} | {row['ms']:.0f} ms | {row['img_s']:.0f} img/s | "
+                              f"data {100 * row['data']:.0f}%"
                               + "".join(f" | {k} {row[k]:.4g}" for k in stats))
                     log.metrics(row)
                     t_log, data_wait, log_steps = time.time(), 0.0, 0
@@ -898,13 +937,16 @@ def train(cfg: Config):
         if step % steps_per_epoch == 0:
             epoch += 1
         checkpoint(epoch)
+        # not in the log's img/s
         t_log += common.online_knn(cfg, step, steps_per_epoch, stop, lambda: load_encoder(
-            {"config": dataclasses.asdict(cfg), "target": target.state_dict()}), device, log)  # not in the log's img/s
+            {"config": dataclasses.asdict(cfg), "target": target.state_dict()}), device, log)
 
     wall = time.time() - t_start
     imgs, peak = (step - step0) * eff_batch, peak_memory_gb(device)
-    flops = count_flops((model, target), lambda m, t: m(images, t.head(t(images_t)).detach())[0], ctx)  # untimed
-    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total | {imgs / wall / world:.0f} img/s/gpu"
+    # untimed
+    flops = count_flops((model, target), lambda m, t: m(images, t.head(t(images_t)).detach())[0], ctx)
+    log.print(f"summary | {METHOD} | steps {step} | {imgs / wall:.0f} img/s total"
+              f" | {imgs / wall / world:.0f} img/s/gpu"
               f" | peak mem {peak:.2f} GB | wall {wall:.0f} s | loss {loss.item():.4f}"
               + flops_summary(flops * cfg.accum_iter, step - step0, wall, device, cfg.peak_tflops))
     if world > 1:
