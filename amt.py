@@ -40,8 +40,7 @@ Run:
     torchrun --nproc_per_node=8 amt.py --data imagenet --data_dir /path/to/imagenet
     python amt.py --data cifar10 --amt off                           # the MAE baseline, same recipe
     python amt.py --data cifar10 --mask_ratio 0.75 --throw_ratio 0   # attention-driven masking only
-    python amt.py --data imagenet --benchmark 20
-        # the step alone, AMT vs MAE phase; no data
+    python amt.py --data imagenet --benchmark 20                     # AMT vs MAE step alone, no data
 """
 import dataclasses
 import json

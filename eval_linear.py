@@ -1,11 +1,9 @@
 """Probe any checkpoint of the collection: frozen features -> linear head (lr sweep) + weighted kNN.
 
-    python eval_linear.py --ckpt out/attmask-cifar10/checkpoint.pt            # the data it was trained on
-    python eval_linear.py --ckpt out/attmask-cifar10/checkpoint.pt --random_init
-        # same architecture, untrained
-    python eval_linear.py --ckpt out/attmask-cifar10/checkpoint.pt --split val
-        # for choices: never the test set
-    python eval_linear.py --raw_pixels --data cifar10                              # the pixels themselves
+    python eval_linear.py --ckpt out/attmask-cifar10/checkpoint.pt               # the data it trained on
+    python eval_linear.py --ckpt out/attmask-cifar10/checkpoint.pt --random_init # same net, untrained
+    python eval_linear.py --ckpt out/attmask-cifar10/checkpoint.pt --split val   # choices: never test
+    python eval_linear.py --raw_pixels --data cifar10                            # the pixels themselves
     torchrun --nproc_per_node=8 eval_linear.py --ckpt ... --data imagenet --data_dir /path/to/imagenet
 
 The method is read from the checkpoint (`ckpt["method"]`) and its file's `load_encoder` gives the
