@@ -304,7 +304,8 @@ def write_table(path, args, argv, results, raw, wall, failed):
     L += ["", "## Commands", "", "Each run as its worker ran it, then `python eval_linear.py --ckpt "
           f"<folder>/checkpoint.pt --split {args.split} --epochs {args.probe_epochs}` (and `--random_init` "
           "for a method's first run):", "", "```"]
-    L += [f"python {r['method']}.py {shlex.join(r['train'])}" for r in results] + ["```", ""]
+    rel = lambda r: [os.path.relpath(a, ROOT) if a == r["dir"] else a for a in r["train"]]  # no machine paths
+    L += [f"python {r['method']}.py {shlex.join(rel(r))}" for r in results] + ["```", ""]
     with open(path, "w") as f:
         f.write("\n".join(L))
 
