@@ -36,7 +36,8 @@ import extrema as ex
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ["attmask", "amt", "dtm", "a2mim", "extrema"]
 PRESENT = [m for m in METHODS if os.path.exists(os.path.join(HERE, f"{m}.py"))]
-TINY = ["--data", "synthetic", "--model", "vit_pico", "--batch_size", "8", "--num_workers", "0", "--log_every", "2"]
+TINY = ["--data", "synthetic", "--model", "vit_pico", "--batch_size", "8", "--num_workers", "0",
+        "--log_every", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 torch.set_num_threads(1)
 
@@ -110,7 +111,8 @@ def test_synthetic_is_deterministic_and_class_structured():
 def write_idx(path, arr):
     arr = np.asarray(arr, np.uint8)
     with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes())
+        f.write(struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+                + arr.tobytes())
 
 
 def test_fashion_mnist_idx_reader(tmp_path):
@@ -121,7 +123,8 @@ def test_fashion_mnist_idx_reader(tmp_path):
     img, y = ds[2]
     assert len(ds) == 5 and y == 4 and img.size == (32, 32) and img.mode == "RGB"
     a = np.asarray(img)
-    assert np.array_equal(a[2:30, 2:30, 0], imgs[2]) and a[:2].sum() == 0 and np.array_equal(a[..., 0], a[..., 2])
+    assert (np.array_equal(a[2:30, 2:30, 0], imgs[2]) and a[:2].sum() == 0
+            and np.array_equal(a[..., 0], a[..., 2]))
 
 
 def test_imagenet_folder_and_per_class_subset(tmp_path):
@@ -132,12 +135,14 @@ def test_imagenet_folder_and_per_class_subset(tmp_path):
                 Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / split / c / f"{i}.png")
     full = common.build_dataset("imagenet", str(tmp_path), True)
     assert len(full) == 10 and len(common.build_dataset("imagenet", str(tmp_path), False)) == 10
-    first3 = common.build_dataset("imagenet", str(tmp_path), True, subset=3)   # AttMask's "first 260 per class"
+    # AttMask's "first 260 per class"
+    first3 = common.build_dataset("imagenet", str(tmp_path), True, subset=3)
     assert [os.path.basename(p) for p, _ in first3.samples] == ["0.png", "1.png", "2.png"] * 2
     assert first3.targets == [0, 0, 0, 1, 1, 1]
     assert len(common.build_dataset("imagenet", str(tmp_path), True, subset=0.4)) == 4
     # in-memory sets (Fashion-MNIST's ArrayImages, CIFAR): the first N of every class in the set's order
-    arr = common.ArrayImages(np.arange(12, dtype=np.uint8).repeat(4).reshape(12, 2, 2), [0, 1, 2, 0, 1, 2, 2, 1, 0, 0, 1, 2])
+    arr = common.ArrayImages(np.arange(12, dtype=np.uint8).repeat(4).reshape(12, 2, 2),
+                             [0, 1, 2, 0, 1, 2, 2, 1, 0, 0, 1, 2])
     sub = common.per_class_subset(arr, 2)
     assert sub.targets == [0, 1, 2, 0, 1, 2] and sub.images[:, 0, 0].tolist() == [0, 1, 2, 3, 4, 5]
     sub = common.per_class_subset(arr, 0.75)                       # int(4 x 0.75) = 3 of every class
@@ -186,7 +191,8 @@ def test_epoch_sampler_shards_and_resumes():
     s = common.EpochSampler(20, seed=3)
     s.set_epoch(0, skip=7)
     assert list(s) == full[7:]
-    r0, r1 = common.EpochSampler(20, seed=3, rank=0, world=2), common.EpochSampler(20, seed=3, rank=1, world=2)
+    r0, r1 = (common.EpochSampler(20, seed=3, rank=0, world=2),
+              common.EpochSampler(20, seed=3, rank=1, world=2))
     assert sorted(list(r0) + list(r1)) == list(range(20))
     s.set_epoch(1)
     assert all(20 <= k < 40 for k in s) and [k - 20 for k in s] != full
@@ -209,23 +215,28 @@ def _ks(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
-    return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+    return np.abs(np.searchsorted(a, grid, "right") / len(a)
+                  - np.searchsorted(b, grid, "right") / len(b)).max()
 
 
 @pytest.mark.parametrize("H, W, scale", [(32, 32, (0.2, 1.0)), (24, 48, (0.5, 1.0))])  # 2nd: ~10% fallbacks
 def test_batched_crop_law_matches_torchvision_get_params(H, W, scale):
     n = 4000
-    top, left, h, w = (t.numpy() for t in common.crop_params(common.Draws(0, torch.arange(n))(22), H, W, scale))
+    top, left, h, w = (t.numpy()
+                       for t in common.crop_params(common.Draws(0, torch.arange(n))(22), H, W, scale))
     torch.manual_seed(0)
-    ref = np.array([T.RandomResizedCrop.get_params(torch.zeros(3, H, W), scale, (3 / 4, 4 / 3)) for _ in range(n)])
+    ref = np.array([T.RandomResizedCrop.get_params(torch.zeros(3, H, W), scale, (3 / 4, 4 / 3))
+                    for _ in range(n)])
     ours = np.stack([top, left, h, w], 1)
     stats = lambda b: [b[:, 2] * b[:, 3] / (H * W), np.log(b[:, 3] / b[:, 2]),
                        (b[:, 0] + 0.5) / (H - b[:, 2] + 1), (b[:, 1] + 0.5) / (W - b[:, 3] + 1)]
-    for s_ours, s_ref in zip(stats(ours), stats(ref)):                 # area, log ratio, position in the slack
+    # area, log ratio, position in the slack
+    for s_ours, s_ref in zip(stats(ours), stats(ref)):
         assert _ks(s_ours, s_ref) < 0.045                              # alpha ~ 0.001 at n = m = 4000
     assert ((0 <= top) & (top + h <= H) & (0 <= left) & (left + w <= W) & (h > 0) & (w > 0)).all()
     fb = lambda b: np.mean((b[:, 2] == H) & (b[:, 3] == round(H * 4 / 3)) & (b[:, 0] == 0))
-    assert abs(fb(ours) - fb(ref)) < 0.02 and (fb(ref) > 0.03) == (W > H)  # the centre-crop fallback, as often
+    # the centre-crop fallback, as often
+    assert abs(fb(ours) - fb(ref)) < 0.02 and (fb(ref) > 0.03) == (W > H)
 
 
 @pytest.mark.parametrize("mode, tol", [("bilinear", 1e-5), ("bicubic", 1 / 255)])
@@ -251,7 +262,8 @@ def test_batched_crop_boxes_and_flips_move_a_map_with_the_pixels():
         src.expand(16, -1, -1, -1) * 0.25 + 0.5, common.Draws(3, torch.arange(16)))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in common.DATASETS["synthetic"][2])
     px = ((out * std + mean) - 0.5) / 0.25                                   # undo normalisation and the 0.25
-    m = common.crop_map(src[:2].expand(16, -1, -1, -1).reshape(32, H, W), box.repeat_interleave(2, 0), (32, 32))
+    m = common.crop_map(src[:2].expand(16, -1, -1, -1).reshape(32, H, W), box.repeat_interleave(2, 0),
+                        (32, 32))
     assert (px[:, :2].reshape(32, 32, 32) - m).abs().max() < 3e-3          # bicubic: ~1e-3, a pixel: 1.6e-2
     assert 0 < box[:, 4].sum() < 16 and len(set(box[:, 0].tolist())) > 8    # flips and boxes vary per image
 
@@ -325,16 +337,19 @@ def test_memory_loader_is_independent_of_batch_rank_and_resume():
                 assert torch.allclose(v, ref[k][0], atol=1e-6) and c == ref[k][1] == k % 10
                 seen.append(k)
     assert len(seen) == len(set(seen)) == 40 - 4                             # the shards partition the data
-    assert not torch.allclose(ref[0][0], next(iter(one))[0][0])              # epoch 1 != epoch 0 (same image?)
+    # epoch 1 != epoch 0 (same image?)
+    assert not torch.allclose(ref[0][0], next(iter(one))[0][0])
 
 
 def test_memory_images_rules_and_batched_eval(tmp_path):
     for name, sizes in [("small", [12] * 4), ("big", [120] * 4), ("mixed", [12, 12, 12, 10])]:
-        for k, size in enumerate(sizes):                                     # folder sets: small ones in memory
+        # folder sets: small ones in memory
+        for k, size in enumerate(sizes):
             d = tmp_path / name / "train" / "ab"[k % 2]
             os.makedirs(d, exist_ok=True)
             Image.new("RGB", (size, size), (40 * k, 90, 9)).save(d / f"{k}.png")
-    folder = lambda name, data="folder": common.memory_images(common.build_dataset(data, str(tmp_path / name), True))
+    folder = lambda name, data="folder": common.memory_images(
+        common.build_dataset(data, str(tmp_path / name), True))
     assert folder("small").images.shape == (4, 12, 12, 3) and folder("small").labels.tolist() == [0, 0, 1, 1]
     assert folder("big") is None and folder("mixed") is None and folder("small", "imagenet") is None
     ds = common.Synthetic(6, 32)
@@ -342,7 +357,8 @@ def test_memory_images_rules_and_batched_eval(tmp_path):
     for size, tol in [(32, 1e-6), (24, 0.03)]:                               # native: normalise only; resized
         ref = torch.stack([common.eval_transform("synthetic", size)(ds[i][0]) for i in range(6)])
         assert (common.BatchEval("synthetic", size)(x) - ref).abs().mean() < tol
-        squash = T.Compose([T.Resize((size, size)), T.ToTensor(), common.normalize("synthetic")])  # AMT's refresh
+        # AMT's refresh
+        squash = T.Compose([T.Resize((size, size)), T.ToTensor(), common.normalize("synthetic")])
         ref = torch.stack([squash(ds[i][0]) for i in range(6)])
         assert (common.BatchEval("synthetic", size, squash=True)(x) - ref).abs().mean() < tol
     enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5))
@@ -372,9 +388,9 @@ def _file_batch(ds, keys):
 
 def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
     """The file path's crops of generated JPEGs (also grey, CMYK, PNG) against PIL (open, RGB, crop, resize):
-    bitwise with full decodes; within a few levels with draft decodes (a reduced JPEG scale) and with the tensor
-    branch (decode_jpeg + antialiased interpolate: what runs on CUDA, here on the CPU). The eval views equal
-    eval_transform and AMT's squash; a broken JPEG is one line naming it."""
+    bitwise with full decodes; within a few levels with draft decodes (a reduced JPEG scale) and with the
+    tensor branch (decode_jpeg + antialiased interpolate: what runs on CUDA, here on the CPU). The eval views
+    equal eval_transform and AMT's squash; a broken JPEG is one line naming it."""
     ds = common.build_dataset("folder", str(_jpeg_folder(tmp_path)), True)
     keys, data, hw, _, jpeg = _file_batch(ds, range(12))
     paths = [p for p, _ in ds.samples]
@@ -387,13 +403,15 @@ def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
         top, left, h, w = common.crop_params(common.Draws(1, keys)(22), x.H, x.W, (0.2, 1.0))
         out = x.crop(top, left, h, w, 24, "bicubic")                                   # (12, 3, 24, 24)
         ref = np.stack([np.asarray(im.crop((j, i, j + ww, i + hh)).resize((24, 24), Image.BICUBIC))
-                        for im, i, j, hh, ww in zip(src, top.tolist(), left.tolist(), h.tolist(), w.tolist())])
+                        for im, i, j, hh, ww in zip(src, top.tolist(), left.tolist(), h.tolist(),
+                                                    w.tolist())])
         err = (out * 255 - torch.tensor(ref).permute(0, 3, 1, 2)).abs()
         assert err.max() <= worst + 1e-3 and err.mean() <= mean, (draft, tensors, err.max(), err.mean())
         assert draft == any(s != (1.0, 1.0) for s in getattr(x, "scale", []))        # draft decodes happened
     monkeypatch.setattr(common, "JPEG_DRAFT", False)
     x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg)
-    view, box = common.BatchCrop("folder", 24, with_box=True)(x, common.Draws(1, keys))  # + flip and normalise
+    # + flip and normalise
+    view, box = common.BatchCrop("folder", 24, with_box=True)(x, common.Draws(1, keys))
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in common.DATASETS["folder"][2])
     for b in range(12):
         H, W = src[b].size[::-1]
@@ -406,7 +424,8 @@ def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
     one = [torch.tensor(np.array(im)).permute(2, 0, 1)[None] / 255 for im in src]     # in memory, one by one
     ref = torch.cat([dtm_view(im, common.Draws(2, keys[b:b + 1])) for b, im in enumerate(one)])
     err = (dtm_view(x, common.Draws(2, keys)) - ref).abs() * std * 255             # the crop jittered instead
-    assert err.mean() < 0.6 and err.max() < 4, (err.mean(), err.max())             # (crop's mean grey: 1.6, 8)
+    # (crop's mean grey: 1.6, 8)
+    assert err.mean() < 0.6 and err.max() < 4, (err.mean(), err.max())
     decodes = []
     monkeypatch.setattr(common, "_pil_decode", lambda *a, f=common._pil_decode: decodes.append(1) or f(*a))
     x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg)
@@ -424,10 +443,12 @@ def test_image_files_are_decoded_and_cropped_like_pil(tmp_path, monkeypatch):
         x = common.FileImages(data, hw, paths, torch.device("cpu"), jpeg, tensors=True)  # the CUDA branch
         err = (view(x).flatten(1) - slow[0]).abs() * std.repeat_interleave(size * size).view(1, -1) * 255
         assert err.max() < 2 and err.mean() < 0.5, (squash, err.max(), err.mean())
-    broken = bytearray(data[5].numpy())[:len(data[5]) // 2]                           # header intact, data cut
+    # header intact, data cut
+    broken = bytearray(data[5].numpy())[:len(data[5]) // 2]
     x = common.FileImages([torch.tensor(broken)] + data[1:], hw, paths, torch.device("cpu"))
-    with pytest.raises(SystemExit, match=rf"^error: cannot decode the image file {re.escape(paths[0])} \(.*\); "
-                                         "remove or replace it$"):
+    with pytest.raises(SystemExit,
+                       match=rf"^error: cannot decode the image file {re.escape(paths[0])} \(.*\); "
+                             "remove or replace it$"):
         x.crop(top, left, h, w, 24, "bicubic")
 
 
@@ -445,8 +466,9 @@ def test_file_loader_is_independent_of_workers_batch_and_resume(tmp_path):
     assert len(seen) == 9 and all(torch.equal(v, ref[k][0]) and c == ref[k][1] for k, v, c in seen)
     assert len(ref) == 12 and not torch.equal(ref[0][0], next(iter(one))[0][0])        # epoch 1 != epoch 0
     rng = torch.get_rng_state()
-    list(one)                                                                          # the global RNG (masks)
-    assert torch.equal(rng, torch.get_rng_state())                                     # is not the loader's
+    # the global RNG (masks) is not the loader's
+    list(one)
+    assert torch.equal(rng, torch.get_rng_state())
 
 
 def test_amt_on_an_image_folder_resumes_exactly(tmp_path, capsys, monkeypatch):
@@ -454,8 +476,9 @@ def test_amt_on_an_image_folder_resumes_exactly(tmp_path, capsys, monkeypatch):
     2 (mid-epoch) + resume + 3, bitwise on CPU, store included."""
     monkeypatch.setitem(common.DATASETS, "folder", common.DATASETS["folder"])
     d = _jpeg_folder(tmp_path / "imgs")
-    args = method_args("amt") + ["--data", "folder", "--data_dir", str(d), "--img_size", "32", "--batch_size",
-                                 "4", "--epochs", "3", "--amt_start", "0", "--refresh_every", "1", "--max_steps"]
+    args = method_args("amt") + ["--data", "folder", "--data_dir", str(d), "--img_size", "32",
+                                 "--batch_size", "4", "--epochs", "3", "--amt_start", "0",
+                                 "--refresh_every", "1", "--max_steps"]
     run_inprocess("amt", args + ["5"], tmp_path / "a", capsys)
     run_inprocess("amt", args + ["2"], tmp_path / "b", capsys)
     assert "resumed" in run_inprocess("amt", args + ["5"], tmp_path / "b", capsys)
@@ -523,26 +546,31 @@ def test_probe_end_to_end_and_cache(tmp_path):
 def test_val_split_is_the_train_tail_or_every_tenth_image():
     assert common.val_split("fashion-mnist", 60000) == (list(range(50000)), list(range(50000, 60000)))
     assert common.val_split("cifar100", 50000)[1][0] == 40000
-    assert common.val_split("fashion-mnist", 100) == (list(range(80)), list(range(80, 100)))  # small copy: a fifth
-    assert common.val_split("synthetic", 2000)[1] == list(range(1500, 2000))                  # as its test split
+    # small copy: a fifth
+    assert common.val_split("fashion-mnist", 100) == (list(range(80)), list(range(80, 100)))
+    # as its test split
+    assert common.val_split("synthetic", 2000)[1] == list(range(1500, 2000))
     rest, val = common.val_split("imagenet", 25)                                              # class-sorted
     assert val == [9, 19] and sorted(rest + val) == list(range(25))
     with pytest.raises(SystemExit, match="too few"):
         common.val_split("synthetic", 3)
     val, rest = (common.build_dataset("synthetic", "", s, synthetic_size=40) for s in ("val", "probe-rest"))
-    assert len(val) == 10 and len(rest) == 30 and [val[i][1] for i in range(10)] == [i % 10 for i in range(30, 40)]
+    assert (len(val) == 10 and len(rest) == 30
+            and [val[i][1] for i in range(10)] == [i % 10 for i in range(30, 40)])
 
 
 @pytest.fixture
 def _tiny_synthetic(monkeypatch):
-    """Synthetic at 1/50 of its size: 40 train images (5 steps an epoch at batch 8), 10 test; a fresh kNN cache."""
+    """Synthetic at 1/50 of its size: 40 train images (5 steps an epoch at batch 8), 10 test;
+    a fresh kNN cache."""
     real = common.Synthetic
     monkeypatch.setattr(common, "Synthetic", lambda n, *a, **k: real(n // 50, *a, **k))
     monkeypatch.setattr(common, "_knn_sets", {})
 
 
 @pytest.mark.parametrize("method", PRESENT)
-def test_online_knn_keeps_the_training_stream_and_equals_eval_linear(method, tmp_path, capsys, _tiny_synthetic):
+def test_online_knn_keeps_the_training_stream_and_equals_eval_linear(method, tmp_path, capsys,
+                                                                     _tiny_synthetic):
     """--knn_every 1 after epochs 1 and 2: bitwise the same weights and RNG state as without it; `knn` lines
     in log.txt and metrics.jsonl; the number eval_linear.py --split val gives for that checkpoint (the online
     sets are below their cap here, so they are eval_linear's: 30 train images minus val, 10 val)."""
@@ -555,13 +583,15 @@ def test_online_knn_keeps_the_training_stream_and_equals_eval_linear(method, tmp
             assert all(torch.equal(t, B[k][n]) for n, t in v.items()), k
     assert A["step"] == 10 and torch.equal(A["rng"][0]["cpu"], B["rng"][0]["cpu"])
     rows = [json.loads(line) for line in open(tmp_path / "knn" / "metrics.jsonl") if '"knn"' in line]
-    assert [(r["step"], r["epoch"], r["knn_val"], r["knn_bank"]) for r in rows] == [(5, 1.0, 10, 30), (10, 2.0, 10, 30)]
+    assert ([(r["step"], r["epoch"], r["knn_val"], r["knn_bank"]) for r in rows]
+            == [(5, 1.0, 10, 30), (10, 2.0, 10, 30)])
     assert len(re.findall(r"^knn [\d.]+ \| step", open(tmp_path / "knn" / "log.txt").read(), re.M)) == 2
     assert '"knn"' not in open(tmp_path / "plain" / "metrics.jsonl").read()
     import eval_linear
-    res = eval_linear.main(["--ckpt", str(tmp_path / "knn" / "checkpoint.pt"), "--split", "val", "--epochs", "1",
-                            "--num_workers", "0"])
-    assert (res["n_train"], res["n_test"], res["split"]) == (30, 10, "val") and res["knn_top1"] == rows[-1]["knn"]
+    res = eval_linear.main(["--ckpt", str(tmp_path / "knn" / "checkpoint.pt"), "--split", "val",
+                            "--epochs", "1", "--num_workers", "0"])
+    assert ((res["n_train"], res["n_test"], res["split"]) == (30, 10, "val")
+            and res["knn_top1"] == rows[-1]["knn"])
 
 
 def test_eval_linear_raw_pixels_and_its_errors(tmp_path, capsys):
@@ -582,22 +612,25 @@ def test_study_runs_end_to_end_and_writes_the_table_and_the_plot(tmp_path):
     g = np.random.default_rng(0)
     for prefix, n in (("train", 64), ("t10k", 20)):
         y = np.arange(n) % 10
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", g.integers(0, 120, (n, 28, 28)) + y[:, None, None] * 12)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz",
+                  g.integers(0, 120, (n, 28, 28)) + y[:, None, None] * 12)
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", y)
     import importlib.util
-    res, spec = tmp_path / "res", importlib.util.spec_from_file_location("study", os.path.join(HERE, "results", "study.py"))
+    res, spec = tmp_path / "res", importlib.util.spec_from_file_location(
+        "study", os.path.join(HERE, "results", "study.py"))
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    argv = ["--data", "fashion-mnist", "--data_dir", str(tmp_path), "--epochs", "2", "--seeds", "0", "--methods", "amt",
-            "dtm", "--parallel", "0", "--probe_epochs", "2", "--out_dir", str(res), "--model", "vit_pico",
-            "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--log_every", "4", "--name", "fm",
-            "--flags", "amt", "--dec_depth 1"]
+    argv = ["--data", "fashion-mnist", "--data_dir", str(tmp_path), "--epochs", "2", "--seeds", "0",
+            "--methods", "amt", "dtm", "--parallel", "0", "--probe_epochs", "2", "--out_dir", str(res),
+            "--model", "vit_pico", "--batch_size", "8", "--num_workers", "0", "--device", "cpu",
+            "--log_every", "4", "--name", "fm", "--flags", "amt", "--dec_depth 1"]
     assert study.main(argv) == 0
     md = open(res / "fm.md").read()
     runs = re.findall(r"^\| (\w+-\w+-s0) \| 0 \| 16 \| 2\.00 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|",
                       md.split("## Every run")[1], re.M)
     assert sorted(runs) == ["amt-baseline-s0", "amt-paper-s0", "dtm-baseline-s0", "dtm-paper-s0"], md
-    assert md.count("random init (same architecture)") == 2 and re.search(r"^\| raw pixels .*\| [\d.]+ \|$", md, re.M)
+    assert (md.count("random init (same architecture)") == 2
+            and re.search(r"^\| raw pixels .*\| [\d.]+ \|$", md, re.M))
     assert "baseline `--amt off`" in md and "baseline `--morph off`" in md and shlex.join(argv) in md
     for run in runs:  # logs kept, the online kNN after both epochs; --flags reach one method only
         assert open(res / "runs-fm" / run / "metrics.jsonl").read().count('"knn"') == 2
@@ -614,7 +647,8 @@ def test_study_runs_end_to_end_and_writes_the_table_and_the_plot(tmp_path):
     amt._stop_signal.append(signal.SIGTERM)
     try:
         with pytest.raises(SystemExit, match="stopped by SIGTERM"):
-            study.worker(dict(kind="run", method="amt", train=train, probes=[["--ckpt", str(out / "checkpoint.pt")]]))
+            study.worker(dict(kind="run", method="amt", train=train,
+                              probes=[["--ckpt", str(out / "checkpoint.pt")]]))
     finally:
         amt._stop_signal.clear()
     assert load_ckpt(out)["step"] == 1 and not list(out.glob("probe_*"))
@@ -625,7 +659,8 @@ def test_study_runs_end_to_end_and_writes_the_table_and_the_plot(tmp_path):
 
 # flags a method needs on top of TINY for a 4-step CPU run (e.g. a ViT instead of its default backbone)
 EXTRA_ARGS = {}
-FAST = ["--warmup_epochs", "0", "--blr", "0.01"]  # full learning rate from step 1, so resume errors would show
+# full learning rate from step 1, so resume errors would show
+FAST = ["--warmup_epochs", "0", "--blr", "0.01"]
 
 
 def method_args(m):
@@ -645,7 +680,8 @@ def test_shared_code_is_identical_across_method_files():
     for m in PRESENT:
         assert set(blocks[m]) == {"config", "parse_config", "vit", "runtime"}, (m, set(blocks[m]))
         for name, text in blocks[m].items():
-            assert text == blocks[PRESENT[0]][name], f"shared block '{name}' of {m}.py differs from {PRESENT[0]}.py"
+            assert text == blocks[PRESENT[0]][name], (
+                f"shared block '{name}' of {m}.py differs from {PRESENT[0]}.py")
 
 
 @pytest.mark.parametrize("method", PRESENT)
@@ -672,7 +708,8 @@ def test_train_resume_finish_probe(method, tmp_path, capsys):
     the checkpoint loads with weights_only and probes through eval_linear.py."""
     a, s, h = method_args(method), tmp_path / "straight", tmp_path / "halves"
     out = run_inprocess(method, a + ["--max_steps", "4"], s, capsys)
-    assert re.search(r"^summary \| .*img/s.* \| [\d.e+-]+ TFLOP/s$", out, re.M) and os.path.exists(s / "metrics.jsonl")
+    assert (re.search(r"^summary \| .*img/s.* \| [\d.e+-]+ TFLOP/s$", out, re.M)
+            and os.path.exists(s / "metrics.jsonl"))
     pic = Image.open(s / "vis_0000004.png")  # the synthetic preset ends with a picture (common.save_picture)
     assert pic.height % (96 + 2) == 0 and pic.height >= 2 * 98
     run_inprocess(method, a + ["--max_steps", "2"], h, capsys)
@@ -681,7 +718,8 @@ def test_train_resume_finish_probe(method, tmp_path, capsys):
     assert "resumed" in out and "'max_steps': (2, 4)" in out  # a changed stop point is announced
     A, B = load_ckpt(s), load_ckpt(h)
     assert A["method"] == method and A["step"] == B["step"] == 4
-    states = [k for k, v in A.items() if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values())]
+    states = [k for k, v in A.items()
+              if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values())]
     assert "model" in states
     for k in states:
         assert max_param_diff(A[k], B[k]) < 1e-6, k
@@ -699,14 +737,17 @@ def test_torchrun_two_processes(method, tmp_path):
     (BatchNorm under DDP); its ViT is the same transformer path as the other four."""
     a = (method_args(method) if method != "a2mim" else _a2mim_RES) + ["--max_steps", "3"]
     # a timed checkpoint every step: all ranks must agree on when to save (it gathers their RNG states)
-    r = run_torchrun(f"{method}.py", a + ["--batch_size", "4", "--accum_iter", "2", "--save_every_min", "1e-9"],
+    r = run_torchrun(f"{method}.py",
+                     a + ["--batch_size", "4", "--accum_iter", "2", "--save_every_min", "1e-9"],
                      tmp_path / "accum")
     assert "device cpu x 2" in r.stdout and re.search(r"^summary \| .*steps 3", r.stdout, re.M)
-    assert "effective batch 16 = 4 x 2 GPUs x accum 2" in r.stdout and load_ckpt(tmp_path / "accum")["step"] == 3
+    assert ("effective batch 16 = 4 x 2 GPUs x accum 2" in r.stdout
+            and load_ckpt(tmp_path / "accum")["step"] == 3)
     if method == "extrema":  # = 2 ranks x 8 (each rank draws its masks row by row from its own stream): ~3e-5
         # apart (Adam's eps on the key biases' rounding-noise gradients), ~7e-3 without the last all-reduce
         run_torchrun(f"{method}.py", a, tmp_path / "big")
-        assert max_param_diff(load_ckpt(tmp_path / "accum")["model"], load_ckpt(tmp_path / "big")["model"]) < 2e-4
+        assert max_param_diff(load_ckpt(tmp_path / "accum")["model"],
+                              load_ckpt(tmp_path / "big")["model"]) < 2e-4
 
 
 def test_eval_linear_under_torchrun_matches_one_process(tmp_path, capsys):
@@ -717,12 +758,14 @@ def test_eval_linear_under_torchrun_matches_one_process(tmp_path, capsys):
     (cache,) = tmp_path.glob("features_*.pt")
     single = torch.load(cache, weights_only=True)
     cache.unlink()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval_linear.py",
-           "--ckpt", str(tmp_path / "checkpoint.pt"), "--epochs", "3", "--num_workers", "0", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "eval_linear.py", "--ckpt", str(tmp_path / "checkpoint.pt"), "--epochs", "3",
+           "--num_workers", "0", "--device", "cpu"]
     r = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     two = json.load(open(tmp_path / "probe_synthetic.json"))
-    assert (two["linear_top1"], two["knn_top1"], two["n_train"]) == (one["linear_top1"], one["knn_top1"], one["n_train"])
+    assert ((two["linear_top1"], two["knn_top1"], two["n_train"])
+            == (one["linear_top1"], one["knn_top1"], one["n_train"]))
     for a, b in zip(single, torch.load(cache, weights_only=True)):  # same features, same order
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
 
@@ -782,27 +825,31 @@ def test_bad_input_never_loses_a_checkpoint(method, tmp_path, capsys):
 # First runs and faults: flag checks, hangs, preemption, misleading state, pictures
 
 # one out-of-range value (+ the flags it needs) for every Config field of every file
-BAD_SHARED = {"data": ["mnist"], "model": ["vit_huge"], "img_size": ["0"], "patch_size": ["0"], "epochs": ["0"],
-              "max_steps": ["-1"], "batch_size": ["0"], "blr": ["nan"], "weight_decay": ["-1"], "warmup_epochs": ["inf"],
-              "num_workers": ["-1"], "seed": ["-1"], "compile": ["maybe"], "log_every": ["0"], "device": ["tpu"],
-              "vis_every": ["-1"], "save_every_min": ["-5"], "accum_iter": ["0"], "knn_every": ["-1"],
+BAD_SHARED = {"data": ["mnist"], "model": ["vit_huge"], "img_size": ["0"], "patch_size": ["0"],
+              "epochs": ["0"], "max_steps": ["-1"], "batch_size": ["0"], "blr": ["nan"],
+              "weight_decay": ["-1"], "warmup_epochs": ["inf"], "num_workers": ["-1"], "seed": ["-1"],
+              "compile": ["maybe"], "log_every": ["0"], "device": ["tpu"], "vis_every": ["-1"],
+              "save_every_min": ["-5"], "accum_iter": ["0"], "knn_every": ["-1"],
               "peak_tflops": ["-1"], "benchmark": ["-1"],
               "subset": ["260"]}  # synthetic data: no labelled split to subset
 BAD_METHOD = {
-    "attmask": {"mask_mode": ["middle"], "pred_ratio": ["1.5"], "pred_ratio_var": ["-0.1"], "masking_prob": ["2"],
-                "show_max": ["-1"], "local_crops": ["-1"], "local_size": ["18"], "out_dim": ["0"], "head_hidden": ["0"],
-                "freeze_last_layer": ["-1"], "drop_path": ["1"], "teacher_temp": ["0"], "warmup_teacher_temp_epochs": ["-1"],
-                "center_momentum": ["1.5"], "momentum_teacher": ["nan"], "weight_decay_end": ["-1"], "clip_grad": ["-1"]},
-    "amt": {"amt": ["maybe"], "mask_ratio": ["0"], "throw_ratio": ["0.6"], "amt_start": ["-2"], "refresh_every": ["0"],
-            "dec_dim": ["0"], "dec_depth": ["0"], "dec_heads": ["5"], "norm_pix_loss": ["maybe"]},
-    "dtm": {"teacher": ["dino"], "teacher_ckpt": ["/nonexistent/ViT-B-16.pt", "--teacher", "clip"], "ema_momentum": ["2"],
-            "morph": ["maybe"], "mask_ratio": ["0.001"], "min_mask_block": ["0"],
+    "attmask": {"mask_mode": ["middle"], "pred_ratio": ["1.5"], "pred_ratio_var": ["-0.1"],
+                "masking_prob": ["2"], "show_max": ["-1"], "local_crops": ["-1"], "local_size": ["18"],
+                "out_dim": ["0"], "head_hidden": ["0"], "freeze_last_layer": ["-1"], "drop_path": ["1"],
+                "teacher_temp": ["0"], "warmup_teacher_temp_epochs": ["-1"], "center_momentum": ["1.5"],
+                "momentum_teacher": ["nan"], "weight_decay_end": ["-1"], "clip_grad": ["-1"]},
+    "amt": {"amt": ["maybe"], "mask_ratio": ["0"], "throw_ratio": ["0.6"], "amt_start": ["-2"],
+            "refresh_every": ["0"], "dec_dim": ["0"], "dec_depth": ["0"], "dec_heads": ["5"],
+            "norm_pix_loss": ["maybe"]},
+    "dtm": {"teacher": ["dino"], "teacher_ckpt": ["/nonexistent/ViT-B-16.pt", "--teacher", "clip"],
+            "ema_momentum": ["2"], "morph": ["maybe"], "mask_ratio": ["0.001"], "min_mask_block": ["0"],
             "layer_scale": ["-1"], "loss_beta": ["-1"], "drop_path": ["1"]},
-    "a2mim": {"mask_patch": ["3"], "mask_ratio": ["0"], "mask_layer": ["4"], "fill": ["noise"], "mask_gamma": ["-1"],
-              "spatial_loss": ["l2"], "freq_weight": ["-1"], "unmask_weight": ["inf"], "step_epoch": ["-1"],
-              "gate_like_token": ["maybe"]},
-    "extrema": {"num_masks": ["8"], "mask_ratio": ["1"], "drop_path": ["1"], "ca_blocks": ["0"], "ca_layer_scale": ["-1"],
-                "proj_hidden": ["0"], "proj_dim": ["0"], "ema_momentum": ["-0.1"], "color_aug": ["maybe"]},
+    "a2mim": {"mask_patch": ["3"], "mask_ratio": ["0"], "mask_layer": ["4"], "fill": ["noise"],
+              "mask_gamma": ["-1"], "spatial_loss": ["l2"], "freq_weight": ["-1"], "unmask_weight": ["inf"],
+              "step_epoch": ["-1"], "gate_like_token": ["maybe"]},
+    "extrema": {"num_masks": ["8"], "mask_ratio": ["1"], "drop_path": ["1"], "ca_blocks": ["0"],
+                "ca_layer_scale": ["-1"], "proj_hidden": ["0"], "proj_dim": ["0"], "ema_momentum": ["-0.1"],
+                "color_aug": ["maybe"]},
 }
 CHECKED_ELSEWHERE = {"data_dir": "a missing folder: the CLI test below",
                      "morph_levels": "0: dtm.Model's morphing check, before anything is written",
@@ -816,7 +863,8 @@ def test_every_flag_out_of_range_is_a_one_line_error_at_parse_time(method, tmp_p
     fields = [f.name for f in dataclasses.fields(mod.Config)]
     (tmp_path / "taken").write_text("")
     bad = {**BAD_SHARED, **BAD_METHOD[method], "out_dir": [str(tmp_path / "taken")]}  # a file, not a folder
-    assert set(fields) == set(bad) | (set(CHECKED_ELSEWHERE) & set(fields)), "a field without an out-of-range case"
+    assert set(fields) == set(bad) | (set(CHECKED_ELSEWHERE) & set(fields)), (
+        "a field without an out-of-range case")
     for name, (value, *extra) in bad.items():
         with pytest.raises(SystemExit) as e:
             mod.parse_config([f"--{name}", value, *extra])
@@ -825,16 +873,19 @@ def test_every_flag_out_of_range_is_a_one_line_error_at_parse_time(method, tmp_p
 
 
 def test_bad_flags_from_the_command_line_exit_nonzero_without_traceback_or_files(tmp_path):
-    """The same checks as a user meets them: exit code 1, one line on stderr, nothing written (no out/, no data/)."""
+    """The same checks as a user meets them: exit code 1, one line on stderr, nothing written
+    (no out/, no data/)."""
     (tmp_path / "taken").write_text("")
     # one case: every parse-time check raises the same one-line SystemExit in-process (the sweep above and
     # test_bad_input_never_loses_a_checkpoint); this one passes parsing and fails on the missing folder
-    cases = [("a2mim.py", ["--data", "imagenet", "--data_dir", "missing", "--model", "resnet_micro"], "--data_dir")]
+    cases = [("a2mim.py", ["--data", "imagenet", "--data_dir", "missing", "--model", "resnet_micro"],
+              "--data_dir")]
     for script, args, flag in cases:
         r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path, env=ENV,
                            capture_output=True, text=True, timeout=120)
         err = r.stderr.strip()
-        assert r.returncode != 0 and err.startswith("error: ") and "\n" not in err and flag in err, (script, err[-800:])
+        assert (r.returncode != 0 and err.startswith("error: ") and "\n" not in err
+                and flag in err), (script, err[-800:])
         assert sorted(os.listdir(tmp_path)) == ["taken"], (script, os.listdir(tmp_path))
 
 
@@ -852,16 +903,17 @@ def _image_folder(root, size=32, n=8, val=False, corrupt=False, seed=0):
 
 
 def test_a_crash_in_the_loop_ends_the_process_and_its_loader_workers(tmp_path):
-    """A corrupt image in a folder dataset (not an image; a JPEG cut in half) ends the run with one line naming
-    it: the process and its workers (which ignore SIGTERM) must exit, not wait for each other forever.
+    """A corrupt image in a folder dataset (not an image; a JPEG cut in half) ends the run with one line
+    naming it: the process and its workers (which ignore SIGTERM) must exit, not wait for each other forever.
     Also: a folder without val/ says so at start."""
-    d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4, corrupt=True)  # too big to hold: workers
+    # too big to hold: workers
+    d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4, corrupt=True)
     cut = d / "train" / "c1" / "cut.jpg"
     Image.open(d / "train" / "c1" / "0.png").save(cut, quality=90)
     cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
-    cmd = [sys.executable, os.path.join(HERE, "extrema.py"), "--data", "folder", "--data_dir", str(d), "--model",
-           "vit_pico", "--img_size", "32", "--batch_size", "4", "--num_workers", "2", "--max_steps", "50",
-           "--out_dir", str(tmp_path / "o")]
+    cmd = [sys.executable, os.path.join(HERE, "extrema.py"), "--data", "folder", "--data_dir", str(d),
+           "--model", "vit_pico", "--img_size", "32", "--batch_size", "4", "--num_workers", "2",
+           "--max_steps", "50", "--out_dir", str(tmp_path / "o")]
     p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -883,7 +935,8 @@ def _torchrun_ranks(launcher_pid):
         try:
             if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) != launcher_pid:
                 continue
-            env = dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in kv)
+            env = dict(kv.split(b"=", 1) for kv in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                       if b"=" in kv)
         except (OSError, IndexError, ValueError):
             continue
         if b"RANK" in env:
@@ -911,8 +964,8 @@ def test_torchrun_a_killed_rank_does_not_leave_rank_0_waiting(tmp_path):
     import signal
     import time
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "extrema.py"), *method_args("extrema"), "--num_workers", "1", "--max_steps", "100000",
-           "--log_every", "1", "--device", "cpu", "--out_dir", str(tmp_path)]
+           os.path.join(HERE, "extrema.py"), *method_args("extrema"), "--num_workers", "1",
+           "--max_steps", "100000", "--log_every", "1", "--device", "cpu", "--out_dir", str(tmp_path)]
     p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -933,7 +986,8 @@ def test_a_stuck_run_ends_on_a_second_sigterm(tmp_path):
     next step) cannot act; a second SIGTERM, 2 s later, ends the run at once with one line."""
     import signal
     import time
-    d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4)  # too big to hold in memory: a worker
+    # too big to hold in memory: a worker
+    d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4)
     cmd = [sys.executable, os.path.join(HERE, "extrema.py"), *method_args("extrema"), "--data", "folder",
            "--data_dir", str(d), "--img_size", "32", "--num_workers", "1", "--max_steps", "100000",
            "--log_every", "1", "--out_dir", str(tmp_path / "o")]
@@ -962,10 +1016,11 @@ def test_loader_workers_die_within_a_second_of_their_parent(tmp_path):
     """kill -9 of the main process: its loader workers follow at once (not at their 5 s watchdog poll)."""
     import signal
     import time
-    d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4)  # too big to hold in memory: workers
-    cmd = [sys.executable, os.path.join(HERE, "amt.py"), *method_args("amt"), "--data", "folder", "--data_dir",
-           str(d), "--img_size", "32", "--num_workers", "2", "--max_steps", "100000", "--log_every", "1",
-           "--out_dir", str(tmp_path / "o")]
+    # too big to hold in memory: workers
+    d = _image_folder(tmp_path / "imgs", size=common.MEMORY_MAX_SIDE + 4)
+    cmd = [sys.executable, os.path.join(HERE, "amt.py"), *method_args("amt"), "--data", "folder",
+           "--data_dir", str(d), "--img_size", "32", "--num_workers", "2", "--max_steps", "100000",
+           "--log_every", "1", "--out_dir", str(tmp_path / "o")]
     p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     try:
@@ -993,7 +1048,8 @@ def test_stop_flag_acts_at_the_next_step_and_timed_checkpoints(method, tmp_path,
     monkeypatch.setattr(mod, "_stop_signal", [])
     saved = []
     real = mod.save_checkpoint
-    monkeypatch.setattr(mod, "save_checkpoint", lambda path, state: (saved.append(state["step"]), real(path, state)))
+    monkeypatch.setattr(mod, "save_checkpoint",
+                        lambda path, state: (saved.append(state["step"]), real(path, state)))
     run_inprocess(method, a + ["--max_steps", "3", "--save_every_min", "1e-9"], tmp_path / "timed", capsys)
     assert saved[:3] == [1, 2, 3], saved                     # every step is past the (tiny) interval
 
@@ -1004,7 +1060,8 @@ def test_no_misleading_state_after_a_failed_start_or_resume(method, tmp_path, ca
     folder; a resume that fails keeps config.json as the checkpoint's; a changed stop point is announced."""
     a = method_args(method)
     with pytest.raises(SystemExit, match=r"non-finite loss at step \d+; no checkpoint was written yet"):
-        run_inprocess(method, a + ["--max_steps", "3", "--blr", "1e30", "--log_every", "1"], tmp_path / "nan", capsys)
+        run_inprocess(method, a + ["--max_steps", "3", "--blr", "1e30", "--log_every", "1"],
+                      tmp_path / "nan", capsys)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="cannot load --data imagenet"):
         run_inprocess(method, a + ["--data", "imagenet", "--data_dir", "nowhere"], tmp_path / "fail", capsys)
@@ -1013,7 +1070,8 @@ def test_no_misleading_state_after_a_failed_start_or_resume(method, tmp_path, ca
     run_inprocess(method, a + ["--max_steps", "2"], good, capsys)
     before, saved = (good / "config.json").read_text(), (good / "checkpoint.pt").read_bytes()
     assert json.loads(before)["max_steps"] == 2
-    with pytest.raises(SystemExit, match="does not fit these settings .*pick a new --out_dir$"):  # not a traceback
+    # not a traceback
+    with pytest.raises(SystemExit, match="does not fit these settings .*pick a new --out_dir$"):
         run_inprocess(method, a + ["--max_steps", "4", "--model", "vit_micro"], good, capsys)
     assert (good / "checkpoint.pt").read_bytes() == saved and (good / "config.json").read_text() == before
     with pytest.raises(SystemExit, match="non-finite loss"):
@@ -1030,8 +1088,10 @@ def test_folder_preset_follows_the_image_size_and_probe_uses_its_stats(tmp_path,
     assert (cfg.img_size, cfg.patch_size, cfg.local_size, cfg.model) == (32, 4, 16, "vit_tiny")
     assert "has no val/ folder" in capsys.readouterr().out
     size, _, (mean, std) = common.DATASETS["folder"]
-    assert size == 32 and 0.3 < mean[0] < 0.4 and 0.2 < std[0] < 0.35   # class 0 in [0, 255], class 1 in [0, 127]
-    assert [t.size for t in common.eval_transform("folder", 32).transforms[:2]] == [32, (32, 32)]  # no resize to 37
+    # class 0 in [0, 255], class 1 in [0, 127]
+    assert size == 32 and 0.3 < mean[0] < 0.4 and 0.2 < std[0] < 0.35
+    # no resize to 37
+    assert [t.size for t in common.eval_transform("folder", 32).transforms[:2]] == [32, (32, 32)]
     big = _image_folder(tmp_path / "big", size=224, n=2, val=True)
     cfg = am.parse_config(["--data", "folder", "--data_dir", str(big)])
     assert (cfg.img_size, cfg.patch_size, cfg.local_size) == (224, 16, 96)
@@ -1062,7 +1122,8 @@ def test_picture_layout_and_quiet_defaults(tmp_path):
     rows = [torch.rand(3, 3, 32, 32), torch.rand(3, 1, 32, 32)]
     common.save_picture(str(tmp_path / "p.png"), rows, ["first", "second"])
     im = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
-    assert im.shape[0] == 2 * (96 + 2) and (im.shape[1] - 3 * 98) > 10          # two rows, three 96-px columns
+    # two rows, three 96-px columns
+    assert im.shape[0] == 2 * (96 + 2) and (im.shape[1] - 3 * 98) > 10
     margin = im.shape[1] - 3 * 98
     assert (im[:96, :margin] < 128).any() and (im[98:194, :margin] < 128).any()  # text in both row labels
     tile = im[:96, margin:margin + 96]
@@ -1076,7 +1137,8 @@ def test_picture_layout_and_quiet_defaults(tmp_path):
 def test_readme_quick_start_is_three_commands_that_fit_together():
     """pip install, a bare method run, and a probe of exactly the checkpoint that run writes; every method's
     bare command is a short synthetic run that ends with a picture."""
-    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)[1]
+    block = re.search(r"## Quick start\n\n```bash\n(.*?)```",
+                      open(os.path.join(HERE, "README.md")).read(), re.S)[1]
     cmds = [line.split("#")[0].split() for line in block.strip().splitlines()]
     assert len(cmds) == 3 and cmds[0] == ["pip", "install", "-r", "requirements.txt"]
     (py, script), (py2, ev, flag, ckpt) = cmds[1], cmds[2]
@@ -1099,7 +1161,8 @@ def _stream_dtypes(blocks, run):
     of the first block's last Linear output (which must be bf16: the matmuls still run in half precision)."""
     seen, lin = set(), []
     def hook(mod, args, out):
-        seen.update(t.dtype for t in [*args, *(out if isinstance(out, tuple) else [out])] if torch.is_tensor(t))
+        seen.update(t.dtype for t in [*args, *(out if isinstance(out, tuple) else [out])]
+                    if torch.is_tensor(t))
     hooks = [b.register_forward_hook(hook) for b in blocks]
     first = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)][-1]
     hooks.append(first.register_forward_hook(lambda m, a, o: lin.append(o.dtype)))
@@ -1138,7 +1201,8 @@ def test_residual_stream_is_fp32_under_bf16_autocast():
 WD_EXEMPT = {"amt": set(),                             # timm add_weight_decay without a skip list
              "attmask": set(),                         # DINO/iBOT get_params_groups: ndim >= 2 decayed
              "dtm": {"encoder.cls_token"},             # BEiT v2: pos_embed, cls_token (mask token decayed)
-             "a2mim": {"encoder.cls_token", "mask_token"},  # ViT config: + pos_embed, mask_token (0.1x lr group)
+             "a2mim": {"encoder.cls_token", "mask_token"},  # ViT config: + pos_embed, mask_token
+                                                            # (0.1x lr group)
              "extrema": {"encoder.cls_token"}}         # no_weight_decay() = {pos_embed, cls_token}
 
 
@@ -1185,20 +1249,25 @@ ACCUM_EXACT = {"amt": ["--amt", "off"], "extrema": [], "dtm": ["--morph", "off"]
 def test_accum_iter_equals_a_bigger_batch(method, tmp_path, capsys, monkeypatch):
     """3 optimizer steps of 2 micro-batches x 8 images == 3 steps of 16 images (weights, EMA teachers)."""
     if method == "dtm":  # block masks are drawn per batch, attempt by attempt: one fixed mask for every image
-        monkeypatch.setattr(dtm, "block_mask", lambda B, gh, gw, n, *a: (torch.arange(gh * gw) < n).expand(B, -1))
+        monkeypatch.setattr(dtm, "block_mask",
+                            lambda B, gh, gw, n, *a: (torch.arange(gh * gw) < n).expand(B, -1))
     if method == "a2mim":  # the SimMIM ViT's drop path 0.1 is not a flag
         monkeypatch.setattr(a2mim.DropPath, "forward", lambda self, x: x)
 
-    class AdamW(torch.optim.AdamW):  # gradients that are 0 in exact arithmetic (key biases) are rounding noise,
-        def __init__(self, params, **kw):  # which Adam's 1e-8 eps turns into lr-sized steps: a wider eps here
+    # gradients that are 0 in exact arithmetic (key biases) are rounding noise, which Adam's 1e-8 eps turns
+    # into lr-sized steps: a wider eps here
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, params, **kw):
             super().__init__(params, **{**kw, "eps": 1e-3})
     monkeypatch.setattr(torch.optim, "AdamW", AdamW)
     a = method_args(method) + ACCUM_EXACT[method] + ["--max_steps", "3"]
     out = run_inprocess(method, a + ["--batch_size", "8", "--accum_iter", "2"], tmp_path / "accum", capsys)
-    assert "effective batch 16 = 8 x 1 GPUs x accum 2" in out and re.search(r"^summary \| .*steps 3 ", out, re.M)
+    assert ("effective batch 16 = 8 x 1 GPUs x accum 2" in out
+            and re.search(r"^summary \| .*steps 3 ", out, re.M))
     run_inprocess(method, a + ["--batch_size", "16"], tmp_path / "big", capsys)
     A, B = load_ckpt(tmp_path / "accum"), load_ckpt(tmp_path / "big")
-    states = [k for k, v in A.items() if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values())]
+    states = [k for k, v in A.items()
+              if isinstance(v, dict) and v and all(torch.is_tensor(t) for t in v.values())]
     for k in states:
         assert max_param_diff(A[k], B[k]) < 1e-6, k
     if method == "amt":  # the comparison can fail: half the batch ends far away
@@ -1206,15 +1275,16 @@ def test_accum_iter_equals_a_bigger_batch(method, tmp_path, capsys, monkeypatch)
         assert max_param_diff(A["model"], load_ckpt(tmp_path / "small")["model"]) > 1e-4
     if method in ("amt", "extrema"):  # resume between optimizer steps: the data position counts micro-batches
         acc = ["--batch_size", "8", "--accum_iter", "2"]
-        run_inprocess(method, a[:-1] + ["1"] + acc, tmp_path / "resumed", capsys)         # 1 step, then 2 more
+        # 1 step, then 2 more
+        run_inprocess(method, a[:-1] + ["1"] + acc, tmp_path / "resumed", capsys)
         assert "resumed" in run_inprocess(method, a + acc, tmp_path / "resumed", capsys)
         C = load_ckpt(tmp_path / "resumed")
         assert C["step"] == 3 and all(max_param_diff(A[k], C[k]) < 1e-6 for k in states)
 
 
 def test_imagenet_presets_give_each_papers_images_per_step_on_8_gpus():
-    """batch x 8 GPUs x accum_iter = the paper's images per step (AMT's official 4 x 128 x 8, A2MIM ViT-B 8 x 128
-    x 2, AttMask's 4 x 60)."""
+    """batch x 8 GPUs x accum_iter = the paper's images per step (AMT's official 4 x 128 x 8, A2MIM ViT-B
+    8 x 128 x 2, AttMask's 4 x 60)."""
     want = {"amt": (4096, 4), "attmask": (240, 1), "dtm": (2048, 1), "a2mim": (2048, 1), "extrema": (2048, 1)}
     for m in PRESENT:
         cfg = importlib.import_module(m).parse_config(["--data", "imagenet"])
@@ -1268,7 +1338,8 @@ def test_benchmark_times_the_training_step(method, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(common, "BENCHMARK_WARMUP", 1)
     made, after = _recording_adamw(monkeypatch), []
     timed = common.benchmark
-    monkeypatch.setattr(common, "benchmark", lambda *x, **k: (timed(*x, **k), after.append(_params(made[-1])))[0])
+    monkeypatch.setattr(common, "benchmark",
+                        lambda *x, **k: (timed(*x, **k), after.append(_params(made[-1])))[0])
     a = method_args(method) + ["--batch_size", "4", "--accum_iter", "2", "--epochs", "10", "--vis_every", "0"]
     a += ["--amt_start", "-1"] if method == "amt" else []
     mod = importlib.import_module(method)
@@ -1281,7 +1352,8 @@ def test_benchmark_times_the_training_step(method, tmp_path, capsys, monkeypatch
     assert (res["AMT"] if method == "amt" else res)["flops"] > 0
     assert max((p - q).abs().max().item() for p, q in zip(after[0], made[-1].initial)) > 1e-4  # it trained
     # the loop, on the benchmark's images (made on the device) and its first micro-batches every step
-    monkeypatch.setattr(common, "build_dataset", lambda *x, **k: common.benchmark_images(8, 32, torch.device("cpu")))
+    monkeypatch.setattr(common, "build_dataset",
+                        lambda *x, **k: common.benchmark_images(8, 32, torch.device("cpu")))
     make_loader = common.make_loader
     monkeypatch.setattr(common, "make_loader", lambda *x, **k: _Replay(make_loader(*x, **k), 2))
     maps = torch.rand(8, 8, 8, generator=torch.Generator().manual_seed(0))  # the benchmark's random maps
@@ -1294,9 +1366,9 @@ def test_amt_benchmark_amt_phase_against_mae_without_data(tmp_path, capsys, monk
     """AMT's benchmark times the AMT phase and the MAE phase (= --amt off); the AMT step's counted FLOPs are
     < 0.7x MAE's (encoder on 1+10 vs 1+16 tokens, decoder on 1+38 vs 1+64); --data imagenet needs no files."""
     monkeypatch.setattr(common, "BENCHMARK_WARMUP", 1)
-    a = ["--data", "imagenet", "--data_dir", str(tmp_path / "missing"), "--model", "vit_pico", "--img_size", "32",
-         "--patch_size", "4", "--batch_size", "4", "--accum_iter", "1", "--dec_dim", "32", "--dec_depth", "1",
-         "--dec_heads", "2", "--benchmark", "2", "--out_dir", str(tmp_path / "out")]
+    a = ["--data", "imagenet", "--data_dir", str(tmp_path / "missing"), "--model", "vit_pico",
+         "--img_size", "32", "--patch_size", "4", "--batch_size", "4", "--accum_iter", "1", "--dec_dim", "32",
+         "--dec_depth", "1", "--dec_heads", "2", "--benchmark", "2", "--out_dir", str(tmp_path / "out")]
     capsys.readouterr()
     res = amt.train(amt.parse_config(a))
     out = capsys.readouterr().out
@@ -1326,8 +1398,8 @@ def test_compile_adds_no_graph_after_the_second_step(method, tmp_path, capsys, m
     torch._dynamo.reset()
     counters.clear()
     try:
-        run_inprocess(method, method_args(method) + ["--batch_size", "4", "--compile", "--benchmark", "2"], tmp_path,
-                      capsys)
+        run_inprocess(method, method_args(method) + ["--batch_size", "4", "--compile", "--benchmark", "2"],
+                      tmp_path, capsys)
     finally:
         torch._dynamo.reset()  # no compiled code left for the other tests
     assert len(seen) == (8 if method == "amt" else 4) and seen[0][0] > 0, seen
@@ -1344,7 +1416,8 @@ def _attmask_tiny_cfg(*args):
 
 def _attmask_distinct_attention(R, N, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(N, generator=g) for _ in range(R)]).float() / N + 0.01  # (R, N) no ties
+    # (R, N) no ties
+    return torch.stack([torch.randperm(N, generator=g) for _ in range(R)]).float() / N + 0.01
 
 
 @pytest.mark.parametrize("N,r,high,hint", [(196, 0.1, 19, 18), (196, 0.3, 58, 53), (196, 0.5, 98, 89),
@@ -1359,7 +1432,8 @@ def test_attmask_high_low_hint_on_hand_made_attention(N, r, high, hint):
     h = am.attmask(a, r, "attmask_hint", 1.0, 0.1)
     assert (h.sum(1) == hint).all() and not (h & ~hi).any()            # spec Sec. 9 counts; subset of High
     revealed = hi & ~h
-    assert (revealed.sum(1) == high - hint).all() and (rank[revealed] < int(N * 0.1)).all()  # only from the top 10%
+    # only from the top 10%
+    assert (revealed.sum(1) == high - hint).all() and (rank[revealed] < int(N * 0.1)).all()
 
 
 def test_attmask_hints_are_uniform_over_the_top_tokens():
@@ -1386,7 +1460,8 @@ def test_attmask_mask_dropped_per_crop_with_probability_1_minus_p():
     kept = m.any(1)
     assert set(m.sum(1).tolist()) == {0, 19}                            # a crop is masked fully or not at all
     assert abs(kept.float().mean().item() - 0.5) < 0.03
-    both = (kept[:B] & kept[B:]).float().mean().item()                  # the two crops of one image: independent
+    # the two crops of one image: independent
+    both = (kept[:B] & kept[B:]).float().mean().item()
     assert abs(both - 0.25) < 0.03
 
 
@@ -1396,12 +1471,15 @@ def test_attmask_ratio_per_step_and_ibot_baselines():
     counts = [am.make_mask(cfg, attn, s, 14, 14).sum(1) for s in range(600)]
     assert all((c == c[0]).all() for c in counts)                       # one ratio for the whole batch
     n = torch.stack([c[0] for c in counts]).float()
-    assert n.min() >= 19 and n.max() <= 98 and abs(n.mean() / 196 - 0.3) < 0.01  # floor(196 r), r ~ U[0.1, 0.5]
-    torch.manual_seed(1)                                                # same r for a step on any rank / resume
+    # floor(196 r), r ~ U[0.1, 0.5]
+    assert n.min() >= 19 and n.max() <= 98 and abs(n.mean() / 196 - 0.3) < 0.01
+    # same r for a step on any rank / resume
+    torch.manual_seed(1)
     assert torch.equal(am.make_mask(cfg, attn, 7, 14, 14), am.make_mask(cfg, attn, 7, 14, 14))
     attn = torch.rand(2000, 2, 197)
     torch.manual_seed(0)
-    ratios = 0.1 + 0.4 * torch.rand(2000)                               # the per-crop ratios make_mask will draw
+    # the per-crop ratios make_mask will draw
+    ratios = 0.1 + 0.4 * torch.rand(2000)
     torch.manual_seed(0)
     rnd = am.make_mask(_attmask_tiny_cfg("--mask_mode", "random"), attn, 0, 14, 14)
     assert torch.equal(rnd.sum(1), (ratios * 196).floor().long())      # iBOT rand: exact count per crop
@@ -1427,7 +1505,8 @@ def test_attmask_hint_count_from_a_second_independent_ratio_draw():
     n_high, shown = high.sum(2).float(), (high & ~hint).sum(2).float()        # (S, 2)
     rngs = [__import__("random").Random(s) for s in steps]                     # seed 0: (seed, step) -> step
     r2 = torch.tensor([(g.uniform(0.1, 0.5), g.uniform(0.1, 0.5))[1] for g in rngs])
-    assert torch.equal(shown, (196 * (0.1 * r2)).floor()[:, None].expand(-1, 2))  # floor(N s r'), r' the 2nd draw
+    # floor(N s r'), r' the 2nd draw
+    assert torch.equal(shown, (196 * (0.1 * r2)).floor()[:, None].expand(-1, 2))
     share = (shown / n_high)[:, 0]
     assert share.max() > 0.35 and (share > 0.1).float().mean() > 0.15         # official: up to ~47%
     assert abs(torch.corrcoef(torch.stack([n_high[:, 0], shown[:, 0]]))[0, 1]) < 0.1  # independent of r
@@ -1439,7 +1518,8 @@ def test_attmask_hint_count_from_a_second_independent_ratio_draw():
         torch.manual_seed(2)
         assert torch.equal(same, am.attmask(a, r, "attmask_hint", 1.0, 0.1))
         hi = am.attmask(a, r, "attmask_high", 1.0, 0.1)
-        assert ((hi & ~same).sum(1) == int(196 * (0.1 * r))).all() and int(196 * (0.1 * r)) <= 0.1 * hi.sum(1)[0]
+        assert (((hi & ~same).sum(1) == int(196 * (0.1 * r))).all()
+                and int(196 * (0.1 * r)) <= 0.1 * hi.sum(1)[0])
 
 
 def _pieces(m):
@@ -1492,10 +1572,12 @@ def test_attmask_one_teacher_pass_gives_targets_and_the_attention(monkeypatch):
     torch.manual_seed(0)
     cfg = _attmask_tiny_cfg("--mask_mode", "attmask_high", "--masking_prob", "1", "--local_crops", "2")
     model = am.Model(cfg)
-    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)]
+    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16),
+             torch.randn(3, 3, 16, 16)]
     calls, student_masks, seen = [], [], {}
     model.teacher.register_forward_hook(lambda m, a, kw, out: calls.append(out), with_kwargs=True)
-    model.student.register_forward_hook(lambda m, a, kw, out: student_masks.append(kw.get("mask")), with_kwargs=True)
+    model.student.register_forward_hook(lambda m, a, kw, out: student_masks.append(kw.get("mask")),
+                                        with_kwargs=True)
     make_mask = am.make_mask
     monkeypatch.setattr(am, "make_mask", lambda cfg, attn, *a: seen.setdefault("m", make_mask(cfg, attn, *a)))
     model(crops, 0, 0)
@@ -1507,7 +1589,8 @@ def test_attmask_one_teacher_pass_gives_targets_and_the_attention(monkeypatch):
     a = ref[:, :, 1:].mean(1)                                           # head-mean [CLS] -> patches
     M = int(seen["m"][0].sum())
     top = a.argsort(1, descending=True)[:, :M]                          # High: the top M of the teacher's map
-    assert 6 <= M <= 32 and torch.equal(seen["m"], torch.zeros(6, 64, dtype=torch.bool).scatter_(1, top, True))
+    assert 6 <= M <= 32 and torch.equal(seen["m"],
+                                        torch.zeros(6, 64, dtype=torch.bool).scatter_(1, top, True))
     assert torch.equal(student_masks[0], seen["m"]) and student_masks[1] is None  # local crops never masked
 
 
@@ -1549,36 +1632,43 @@ def test_attmask_schedules_and_per_tensor_clipping():
     temps = [am.teacher_temp(e, 0.04, 0.07, 30) for e in (0, 15, 29, 30, 50)]
     assert temps == pytest.approx([0.04, 0.04 + 0.03 * 15 / 29, 0.07, 0.07, 0.07])
     wd = [am.cosine_schedule(s, 1000, 0.04, 0.4) for s in (0, 500, 1000)]      # weight decay, per step
-    assert wd == pytest.approx([0.04, 0.22, 0.4]) and am.cosine_schedule(0, 1000, 0.996, 1.0) == pytest.approx(0.996)
+    assert (wd == pytest.approx([0.04, 0.22, 0.4])
+            and am.cosine_schedule(0, 1000, 0.996, 1.0) == pytest.approx(0.996))
     big, small = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(3, 3))
     big.grad, small.grad = torch.full((10,), 5.0), torch.full((3, 3), 0.1)
     am.clip_per_tensor([big, small], 3.0)
-    assert big.grad.norm().item() == pytest.approx(3.0, rel=1e-5) and torch.equal(small.grad, torch.full((3, 3), 0.1))
+    assert (big.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+            and torch.equal(small.grad, torch.full((3, 3), 0.1)))
     t = [torch.ones(3), torch.full((2,), 2.0)]
-    am.ema_update(t, [torch.zeros(3), torch.zeros(2)], 0.9)             # theta_t <- m theta_t + (1 - m) theta_s
+    # theta_t <- m theta_t + (1 - m) theta_s
+    am.ema_update(t, [torch.zeros(3), torch.zeros(2)], 0.9)
     assert torch.allclose(t[0], torch.full((3,), 0.9)) and torch.allclose(t[1], torch.full((2,), 1.8))
 
 
 def test_attmask_fixed_batch_student_learns_to_match_fixed_targets():
     # teacher and centers frozen (momentum 1): the targets are fixed, so the loss must fall
     torch.manual_seed(0)
-    cfg = _attmask_tiny_cfg("--momentum_teacher", "1", "--center_momentum", "1", "--drop_path", "0", "--masking_prob", "1")
+    cfg = _attmask_tiny_cfg("--momentum_teacher", "1", "--center_momentum", "1", "--drop_path", "0",
+                            "--masking_prob", "1")
     model = am.Model(cfg)
     crops = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    losses = fit_one_batch(opt, lambda step: model(crops, step, 0)[0], 25, lambda: am.clip_per_tensor(params, 3.0))
+    losses = fit_one_batch(opt, lambda step: model(crops, step, 0)[0], 25,
+                           lambda: am.clip_per_tensor(params, 3.0))
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.3, losses
     assert model.mask_token.abs().sum() > 0                             # the mask token is learned
 
 
 def test_attmask_last_layer_frozen_in_epoch_0_and_ema_teacher(tmp_path, capsys):
-    args = TINY + ["--out_dim", "64", "--head_hidden", "32", "--warmup_epochs", "0", "--blr", "0.01", "--max_steps", "2"]
+    args = TINY + ["--out_dim", "64", "--head_hidden", "32", "--warmup_epochs", "0", "--blr", "0.01",
+                   "--max_steps", "2"]
     run_inprocess("attmask", args + ["--vis_every", "2"], tmp_path / "frozen", capsys)
     m = load_ckpt(tmp_path / "frozen")["model"]
     assert (tmp_path / "frozen" / "vis_0000002.png").exists()
     # the student's last layer never moved, so the EMA left the teacher's copy equal to it; the rest moved
-    for k in ("v", "g"):                                                # both halves of the weight-normed layer
+    # both halves of the weight-normed layer
+    for k in ("v", "g"):
         torch.testing.assert_close(m[f"head.{k}"], m[f"teacher_head.{k}"], atol=1e-7, rtol=0)
     assert (m["head.mlp.0.weight"] - m["teacher_head.mlp.0.weight"]).abs().max() > 1e-5
     run_inprocess("attmask", args + ["--freeze_last_layer", "0"], tmp_path / "free", capsys)
@@ -1609,9 +1699,9 @@ def test_attmask_probe_encoder_is_teacher_last_blocks_cls_and_bad_mode_errors():
 
 torch.set_num_threads(1)
 # a 16 px, 4x4-patch model: N = 16 patches -> 7 masked, 6 thrown, 3 visible at 0.45 / 0.40
-_amt_PICO = ["--data", "synthetic", "--model", "vit_pico", "--img_size", "16", "--patch_size", "4", "--batch_size", "8",
-        "--num_workers", "0", "--log_every", "1", "--dec_dim", "32", "--dec_depth", "1", "--dec_heads", "2",
-        "--warmup_epochs", "0", "--blr", "0.01"]
+_amt_PICO = ["--data", "synthetic", "--model", "vit_pico", "--img_size", "16", "--patch_size", "4",
+             "--batch_size", "8", "--num_workers", "0", "--log_every", "1", "--dec_dim", "32",
+             "--dec_depth", "1", "--dec_heads", "2", "--warmup_epochs", "0", "--blr", "0.01"]
 
 
 def _amt_tiny_model(*extra):
@@ -1620,8 +1710,9 @@ def _amt_tiny_model(*extra):
 
 
 def test_amt_counts_partition_and_order():
-    for n, rm, rt, want in [(196, 0.45, 0.40, (88, 78)), (196, 0.75, 0.0, (147, 0)), (64, 0.45, 0.40, (28, 26)),
-                            (144, 0.45, 0.40, (64, 58)), (256, 0.45, 0.40, (115, 102))]:
+    for n, rm, rt, want in [(196, 0.45, 0.40, (88, 78)), (196, 0.75, 0.0, (147, 0)),
+                            (64, 0.45, 0.40, (28, 26)), (144, 0.45, 0.40, (64, 58)),
+                            (256, 0.45, 0.40, (115, 102))]:
         assert amt.mask_counts(n, rm, rt) == want  # spec 3.4 / 9 (int truncation of the float sum)
     torch.manual_seed(0)
     w = torch.rand(32, 64) * (torch.rand(32, 64) > 0.2)                    # hand-made maps with zeros
@@ -1633,7 +1724,8 @@ def test_amt_counts_partition_and_order():
     seen = torch.zeros_like(mask).scatter(1, vis, True)
     assert (mask.int() + throw.int() + seen.int() == 1).all()               # disjoint and covering
     assert torch.equal(keep, (~throw).nonzero()[:, 1].view(32, 38))        # non-thrown, raster order
-    assert mask.gather(1, order[:, :28]).all() and throw.gather(1, order[:, 28:54]).all()  # first drawn = masked
+    # first drawn = masked
+    assert mask.gather(1, order[:, :28]).all() and throw.gather(1, order[:, 28:54]).all()
 
 
 def test_amt_draw_is_weighted_sampling_without_replacement():
@@ -1646,7 +1738,8 @@ def test_amt_draw_is_weighted_sampling_without_replacement():
     heavy = torch.ones(4000, 64)
     heavy[:, 5] = 1000.0
     mask, *_ = amt.split_order(amt.draw_order(heavy), 28, 26)
-    assert mask[:, 5].float().mean() > 0.99                                # a dominant patch is almost always masked
+    # a dominant patch is almost always masked
+    assert mask[:, 5].float().mean() > 0.99
     freq = mask[:, torch.arange(64) != 5].float().mean(0)                  # others: 27 of 63 slots, evenly
     assert (freq - 27 / 63).abs().max() < 0.05
     mask, *_ = amt.split_order(amt.draw_order(torch.ones(4000, 64)), 28, 26)
@@ -1658,16 +1751,19 @@ def test_amt_zero_weights_come_last():
     w = torch.rand(500, 64) + 0.1
     w[:, 40:] = 0                                                          # 24 zero-weight patches
     mask, throw, vis, _ = amt.split_order(amt.draw_order(w), 28, 26)
-    assert not mask[:, 40:].any()                                          # never masked while positives remain
+    # never masked while positives remain
+    assert not mask[:, 40:].any()
     assert throw[:, :40].sum(1).eq(12).all() and (vis >= 40).all()         # positives all drawn before zeros
-    order = amt.draw_order(torch.zeros(3, 64))                             # no positive weight: uniform, valid
+    # no positive weight: uniform, valid
+    order = amt.draw_order(torch.zeros(3, 64))
     assert torch.equal(order.sort(1).values, torch.arange(64).expand(3, -1))
 
 
 def test_amt_map_follows_crop_and_flip():
     g, p = 8, 4
     rows, cols = torch.meshgrid(torch.arange(g).float(), torch.arange(g).float(), indexing="ij")
-    maps = (10 * rows + cols)[None].repeat(2, 1, 1)                        # linear: bilinear sampling is exact
+    # linear: bilinear sampling is exact
+    maps = (10 * rows + cols)[None].repeat(2, 1, 1)
     box = torch.tensor([[0.2, 0.3, 0.5, 0.4, 0.0], [0.2, 0.3, 0.5, 0.4, 1.0]])  # (top, left, h, w, flip)
     got = amt.patch_weights(maps, box, p)                                  # (2, 64)
     c = (torch.arange(g * p) + 0.5) / (g * p)                              # output pixel centres in [0, 1]
@@ -1689,7 +1785,8 @@ def test_amt_thrown_tokens_leave_encoder_decoder_and_loss():
     torch.manual_seed(1)
     loss, stats, (pred, mask, throw, keep) = model(x, w, 7, 6)
     assert seq == {"enc": 1 + 3, "dec": 1 + 16 - 6} and pred.shape == (4, 10, 48)
-    pix = lambda m: m.view(4, 1, 4, 1, 4, 1).expand(-1, 3, -1, 4, -1, 4).reshape(4, 3, 16, 16)  # patch -> pixels
+    # patch -> pixels
+    pix = lambda m: m.view(4, 1, 4, 1, 4, 1).expand(-1, 3, -1, 4, -1, 4).reshape(4, 3, 16, 16)
     torch.manual_seed(1)
     assert model(torch.where(pix(throw), 9.0, x), w, 7, 6)[0] == loss     # thrown pixels: no effect at all
     torch.manual_seed(1)
@@ -1708,22 +1805,26 @@ def test_amt_loss_masked_patches_only_and_norm_pix():
     var = ((target - mu) ** 2).sum(-1, keepdim=True) / 47                  # UNBIASED variance, eps 1e-6
     per = ((pred - (target - mu) / (var + 1e-6) ** 0.5) ** 2).mean(-1)
     assert torch.allclose(amt.amt_loss(pred, target, mask, True), per[mask].mean(), atol=1e-6)
-    assert torch.allclose(amt.amt_loss(pred, target, mask, False), ((pred - target) ** 2).mean(-1)[mask].mean())
+    assert torch.allclose(amt.amt_loss(pred, target, mask, False),
+                          ((pred - target) ** 2).mean(-1)[mask].mean())
 
 
 def test_amt_store_weights_from_attention():
     attn = torch.tensor([[[0.9, 0.1, 0.2, 0.3, 0.2], [0.0, 0.1, 0.1, 0.1, 0.1]]])  # (1, 2 heads, 1 + 4)
-    w = amt.attention_to_weights(attn)                                      # [CLS] key dropped, min-max, head mean
+    # [CLS] key dropped, min-max, head mean
+    w = amt.attention_to_weights(attn)
     assert torch.allclose(w, torch.tensor([[0.0, 0.25, 0.5, 0.25]]))       # constant head -> 0, not NaN
     attn2 = torch.rand(5, 3, 17).softmax(-1)
     w2, a = amt.attention_to_weights(attn2), attn2[:, :, 1:]
     ref = ((a - a.amin(-1, keepdim=True)) / (a.amax(-1, keepdim=True) - a.amin(-1, keepdim=True))).mean(1)
     assert torch.allclose(w2, ref, atol=1e-6) and w2.amin() >= 0 and w2.amax() <= 1
-    vit, x, h = _amt_tiny_model().encoder.eval(), torch.randn(3, 3, 16, 16), {}  # the row the store is made from:
-    vit.blocks[-1].norm1.register_forward_hook(lambda m, i, o: h.__setitem__("z", o))  # LAST block, norm1(x) input
+    # the row the store is made from: LAST block, norm1(x) input
+    vit, x, h = _amt_tiny_model().encoder.eval(), torch.randn(3, 3, 16, 16), {}
+    vit.blocks[-1].norm1.register_forward_hook(lambda m, i, o: h.__setitem__("z", o))
     attn = vit(x, return_attn=True)[1]                                       # (3, heads, 1 + N)
     q, k = vit.blocks[-1].attn.qkv(h["z"]).view(3, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)[:2]
-    want = (q[:, :, :1] @ k.transpose(-2, -1) / 4).softmax(-1)[:, :, 0]     # [CLS] query, scale hd^-1/2, softmax
+    # [CLS] query, scale hd^-1/2, softmax
+    want = (q[:, :, :1] @ k.transpose(-2, -1) / 4).softmax(-1)[:, :, 0]
     assert attn.shape == (3, 2, 17) and torch.allclose(attn, want, atol=1e-5)
 
 
@@ -1748,9 +1849,11 @@ def test_amt_phases_resume_and_store(tmp_path, monkeypatch):
     store in the checkpoint; a checkpoint without a store is refreshed on resume; probe features load."""
     _amt_synthetic_small(monkeypatch, 48)                                       # 6 steps per epoch
     args = _amt_PICO + ["--amt_start", "0", "--refresh_every", "1", "--epochs", "4"]
-    run = lambda out, steps: amt.train(amt.parse_config(args + ["--max_steps", str(steps), "--out_dir", str(out)]))
+    run = lambda out, steps: amt.train(
+        amt.parse_config(args + ["--max_steps", str(steps), "--out_dir", str(out)]))
     got_maps, got_idx, real_pw, real_loader = [], [], amt.patch_weights, common.make_loader
-    monkeypatch.setattr(amt, "patch_weights", lambda m, box, p: got_maps.append(m.clone()) or real_pw(m, box, p))
+    monkeypatch.setattr(amt, "patch_weights",
+                        lambda m, box, p: got_maps.append(m.clone()) or real_pw(m, box, p))
     monkeypatch.setattr(common, "make_loader", lambda *a, **k: _amt_RecordIdx(real_loader(*a, **k), got_idx))
     run(tmp_path / "a", 14)
     maps_a, idx_a = got_maps[:], got_idx[:]                                # run a only
@@ -1760,19 +1863,23 @@ def test_amt_phases_resume_and_store(tmp_path, monkeypatch):
     assert A["step"] == B["step"] == 14 and A["store_epoch"] == B["store_epoch"] == 1
     assert max_param_diff(A["model"], B["model"]) < 1e-5 and torch.equal(A["store"], B["store"])
     assert A["store"].shape == (48, 4, 4) and A["store"].dtype == torch.float16
-    assert len(maps_a) == 8 and len(idx_a) >= 14                            # maps used from step 7 (epoch 1) on
-    for m, i in zip(maps_a[-2:], idx_a[12:14]):                              # steps 13, 14 use the final store:
-        assert torch.equal(m.cpu(), A["store"][i])                           # each image gets ITS OWN map
+    # maps used from step 7 (epoch 1) on
+    assert len(maps_a) == 8 and len(idx_a) >= 14
+    # steps 13, 14 use the final store: each image gets ITS OWN map
+    for m, i in zip(maps_a[-2:], idx_a[12:14]):
+        assert torch.equal(m.cpu(), A["store"][i])
     assert 0 <= A["store"].min() and A["store"].max() <= 1 and A["store"].min() < 0.5
     log = open(tmp_path / "a" / "log.txt").read()
     assert log.count("attention store: 48 maps") == 2
     ratios = [float(r) for r in re.findall(r"w_mask/vis ([\d.]+)", log)]
-    assert ratios[0] == 1.0 and all(r > 1.0 for r in ratios[6:])           # uniform first, then attention-driven
+    # uniform first, then attention-driven
+    assert ratios[0] == 1.0 and all(r > 1.0 for r in ratios[6:])
     ckpt = load_ckpt(tmp_path / "b")
     ckpt["store"], ckpt["store_epoch"] = None, None
     torch.save(ckpt, tmp_path / "b" / "checkpoint.pt")
     run(tmp_path / "b", 15)
-    assert "attention store: 48 maps after epoch 1" in open(tmp_path / "b" / "log.txt").read().split("resumed")[-1]
+    assert ("attention store: 48 maps after epoch 1"
+            in open(tmp_path / "b" / "log.txt").read().split("resumed")[-1])
     enc, x = amt.load_encoder(A), torch.randn(2, 3, 16, 16)
     assert enc(x).shape == (2, 32) and not torch.allclose(enc(x), amt.load_encoder(A, random_init=True)(x))
 
@@ -1793,14 +1900,15 @@ def test_amt_overfits_one_batch():
 
 
 def test_amt_bad_ratios_are_a_one_line_error():
-    for bad, hint in [(["--mask_ratio", "0.7", "--throw_ratio", "0.4"], "0 visible"), (["--amt", "yes"], "--amt"),
-                      (["--mask_ratio", "0.01"], "0 masked")]:
+    for bad, hint in [(["--mask_ratio", "0.7", "--throw_ratio", "0.4"], "0 visible"),
+                      (["--amt", "yes"], "--amt"), (["--mask_ratio", "0.01"], "0 masked")]:
         with pytest.raises(SystemExit, match=hint):
             amt.train(amt.parse_config(_amt_PICO + bad))
 
 
 def _amt_torchrun(script, args, out_dir):
-    """test_all.run_torchrun, but on a free port: `--master_port 0` can hang in the c10d store on a busy host."""
+    """test_all.run_torchrun, but on a free port: `--master_port 0` can hang in the c10d store
+    on a busy host."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -1812,21 +1920,24 @@ def _amt_torchrun(script, args, out_dir):
 
 
 def test_amt_torchrun_gathers_the_store(tmp_path):
-    """2 processes (gloo): each computes half of the maps from the initial weights (amt_start -1), the gathered
-    store equals a single-process computation in dataset order."""
+    """2 processes (gloo): each computes half of the maps from the initial weights (amt_start -1), the
+    gathered store equals a single-process computation in dataset order."""
     script = tmp_path / "run_amt.py"
     script.write_text(f"import sys; sys.path.insert(0, {os.path.dirname(amt.__file__)!r})\n"
                       "import common, amt\ncommon.build_dataset = lambda *a, **k: common.Synthetic(40, 16)\n"
                       "amt.train(amt.parse_config())\n")
-    r = _amt_torchrun(script, _amt_PICO + ["--batch_size", "4", "--amt_start", "-1", "--max_steps", "5"], tmp_path)
+    r = _amt_torchrun(script, _amt_PICO + ["--batch_size", "4", "--amt_start", "-1", "--max_steps", "5"],
+                      tmp_path)
     assert "device cpu x 2" in r.stdout and re.search(r"^summary \| .*steps 5", r.stdout, re.M)
     ckpt = load_ckpt(tmp_path)
     assert ckpt["store_epoch"] == -1
     cfg = amt.Config(**ckpt["config"])
-    torch.manual_seed(cfg.seed)                                            # rank 0's initial weights (DDP broadcast)
+    # rank 0's initial weights (DDP broadcast)
+    torch.manual_seed(cfg.seed)
     enc = amt.Encoder(amt.Model(cfg).encoder, attention=True).eval()
     ds = common.Synthetic(40, 16)
-    tf = T.Compose([T.ToTensor(), common.normalize("synthetic")])         # 16 px already: the resize is identity
+    # 16 px already: the resize is identity
+    tf = T.Compose([T.ToTensor(), common.normalize("synthetic")])
     with torch.no_grad():
         want = enc(torch.stack([tf(ds[i][0]) for i in range(40)])).view(40, 4, 4)
     assert torch.allclose(ckpt["store"].float(), want, atol=2e-3)
@@ -1932,7 +2043,8 @@ def test_dtm_partition_matches_literal_tome_and_group_means(r, k):
         x, size, members = list(X[b].float()), [1.0] * 36, [[i] for i in range(36)]
         for _ in range(k):
             x, size, members = _dtm_tome_round(x, size, members, r)
-        assert _dtm_groups_of(G, b) == {frozenset(m) for m in members} and frozenset([0]) in _dtm_groups_of(G, b)
+        assert (_dtm_groups_of(G, b) == {frozenset(m) for m in members}
+                and frozenset([0]) in _dtm_groups_of(G, b))
         # morphing = the size-weighted merged features, broadcast back to every member position
         morphed = dtm.morph(G[b:b + 1], X[b:b + 1].float())[0]
         for feat, m in zip(x, members):
@@ -1950,7 +2062,8 @@ def test_dtm_no_merging_is_the_identity():
 
 
 def test_dtm_schedule_rounding_exhaustive():
-    left = {(n, k): _dtm_remaining(196, dtm.per_round_r(n, k, 196), k) for n in range(197) for k in range(1, 15)}
+    left = {(n, k): _dtm_remaining(196, dtm.per_round_r(n, k, 196), k)
+            for n in range(197) for k in range(1, 15)}
     for (n, k), g in [((196, 1), 99), ((196, 2), 50), ((196, 7), 15), ((196, 14), 8), ((150, 3), 49),
                       ((100, 14), 84), ((10, 14), 182), ((1, 1), 195), ((0, 9), 196)]:
         assert left[n, k] == g, (n, k)
@@ -2045,7 +2158,8 @@ def test_dtm_block_mask_exact_count_and_blocks(g, M, min_block):
     clustered = ((neighbours >= 2) & (m > 0)).sum() / m.sum()             # masked with >= 2 masked neighbours
     rand = torch.rand(512, g * g).argsort(1) < M
     rp = F.pad(rand.view(512, g, g).float(), (1, 1, 1, 1))
-    rand_cl = (((rp[:, :-2, 1:-1] + rp[:, 2:, 1:-1] + rp[:, 1:-1, :-2] + rp[:, 1:-1, 2:]) >= 2) & rand.view(512, g, g)).sum() / rand.sum()
+    rand_cl = (((rp[:, :-2, 1:-1] + rp[:, 2:, 1:-1] + rp[:, 1:-1, :-2] + rp[:, 1:-1, 2:]) >= 2)
+               & rand.view(512, g, g)).sum() / rand.sum()
     assert clustered > 0.8 and rand_cl < 0.6, (clustered, rand_cl)
     assert not torch.equal(mask[0], mask[1])
     with pytest.raises(SystemExit, match="--mask_ratio"):
@@ -2068,8 +2182,9 @@ def _dtm_openai_state_dict(width=128, layers=2, patch=4, grid=14, out=512, seed=
         p = f"visual.transformer.resblocks.{i}."
         sd |= {p + "attn.in_proj_weight": r(3 * width, width), p + "attn.in_proj_bias": r(3 * width),
                p + "attn.out_proj.weight": r(width, width), p + "attn.out_proj.bias": r(width),
-               p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width), p + "ln_2.weight": 1 + r(width),
-               p + "ln_2.bias": r(width), p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
+               p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width),
+               p + "ln_2.weight": 1 + r(width), p + "ln_2.bias": r(width),
+               p + "mlp.c_fc.weight": r(4 * width, width), p + "mlp.c_fc.bias": r(4 * width),
                p + "mlp.c_proj.weight": r(width, 4 * width), p + "mlp.c_proj.bias": r(width)}
     return {k: v.half() for k, v in sd.items()}
 
@@ -2088,7 +2203,8 @@ def _dtm_clip_reference(sd, images, heads):
         y = ln(x, q + "ln_1") @ sd[q + "attn.in_proj_weight"].T + sd[q + "attn.in_proj_bias"]
         qh, kh, vh = (t.view(B, T, heads, -1).transpose(1, 2) for t in y.chunk(3, -1))
         a = ((qh @ kh.transpose(-1, -2)) / math.sqrt(W // heads)).softmax(-1) @ vh
-        x = x + a.transpose(1, 2).reshape(B, T, W) @ sd[q + "attn.out_proj.weight"].T + sd[q + "attn.out_proj.bias"]
+        x = (x + a.transpose(1, 2).reshape(B, T, W) @ sd[q + "attn.out_proj.weight"].T
+             + sd[q + "attn.out_proj.bias"])
         h = ln(x, q + "ln_2") @ sd[q + "mlp.c_fc.weight"].T + sd[q + "mlp.c_fc.bias"]
         x = x + (h * torch.sigmoid(1.702 * h)) @ sd[q + "mlp.c_proj.weight"].T + sd[q + "mlp.c_proj.bias"]
     return ln(x[:, 1:], "ln_post") @ sd["proj"]
@@ -2103,7 +2219,8 @@ def _dtm_save_torchscript(sd, path):
     for key, v in sd.items():
         m = root
         for name in key.split(".")[:-1]:
-            m = getattr(m, name) if hasattr(m, name) else m.add_module(name, torch.nn.Module()) or getattr(m, name)
+            m = (getattr(m, name) if hasattr(m, name)
+                 else m.add_module(name, torch.nn.Module()) or getattr(m, name))
         m.register_parameter(key.split(".")[-1], torch.nn.Parameter(v, requires_grad=False))
     torch.jit.save(torch.jit.script(root), path)
 
@@ -2138,14 +2255,17 @@ def test_dtm_teacher_bad_input(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="no CLIP image tower"):
         dtm.Model(_dtm_tiny_cfg("--teacher", "clip", "--teacher_ckpt", str(tmp_path / "other.pt")))
-    for flags, hint in [(["--teacher", "dino"], "choose one of clip, ema, random"), (["--morph", "maybe"], "one of on, off")]:
+    for flags, hint in [(["--teacher", "dino"], "choose one of clip, ema, random"),
+                        (["--morph", "maybe"], "one of on, off")]:
         with pytest.raises(SystemExit, match=hint):
             dtm.Model(_dtm_tiny_cfg(*flags))
 
 
 def test_dtm_impossible_morph_settings_are_one_line_errors(tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: --morph_k_max 0 [^\n]*$"):  # through train(), as a user meets it
-        dtm.train(dtm.parse_config(TINY + ["--morph_k_max", "0", "--max_steps", "1", "--out_dir", str(tmp_path)]))
+    # through train(), as a user meets it
+    with pytest.raises(SystemExit, match=r"^error: --morph_k_max 0 [^\n]*$"):
+        dtm.train(dtm.parse_config(TINY + ["--morph_k_max", "0", "--max_steps", "1",
+                                           "--out_dir", str(tmp_path)]))
     assert not os.listdir(tmp_path)                                         # nothing written
     for flag, bad in (("morph_levels", "0"), ("morph_n_max", "-1")):           # the same check on the model
         with pytest.raises(SystemExit, match=f"--{flag} {bad} is impossible: use >= ") as e:
@@ -2154,9 +2274,11 @@ def test_dtm_impossible_morph_settings_are_one_line_errors(tmp_path):
 
 
 def test_dtm_drop_path_in_the_student_only_and_zero_in_the_presets():
-    assert [dtm.parse_config(["--data", d]).drop_path for d in ("imagenet", "cifar10", "synthetic")] == [0, 0, 0]
+    assert ([dtm.parse_config(["--data", d]).drop_path for d in ("imagenet", "cifar10", "synthetic")]
+            == [0, 0, 0])
     torch.manual_seed(0)
-    model = dtm.Model(_dtm_tiny_cfg("--drop_path", "0.2"))                      # ema teacher: a copy of the student
+    # ema teacher: a copy of the student
+    model = dtm.Model(_dtm_tiny_cfg("--drop_path", "0.2"))
     assert [b.drop_path.p for b in model.encoder.blocks] == [0.0, 0.2]         # linear over depth, 0 first
     assert [b.drop_path.p for b in model.teacher.blocks] == [0.0, 0.0]
     x = torch.randn(16, 3, 32, 32)
@@ -2170,9 +2292,9 @@ def _dtm_imagenet_folder(root):
         for i in range(4):
             pixels = np.random.RandomState(i + 10 * len(c)).randint(0, 256, (40, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / "train" / c / f"{i}.png")
-    return ["--data", "imagenet", "--data_dir", str(root), "--model", "vit_pico", "--img_size", "32", "--patch_size",
-            "4", "--batch_size", "4", "--num_workers", "0", "--min_mask_block", "4", "--morph_k_max", "8",
-            "--log_every", "1", "--warmup_epochs", "0"]
+    return ["--data", "imagenet", "--data_dir", str(root), "--model", "vit_pico", "--img_size", "32",
+            "--patch_size", "4", "--batch_size", "4", "--num_workers", "0", "--min_mask_block", "4",
+            "--morph_k_max", "8", "--log_every", "1", "--warmup_epochs", "0"]
 
 
 def test_dtm_clip_checkpoint_names_the_tower_file_and_imagenet_says_which_teacher(tmp_path, capsys):
@@ -2183,13 +2305,17 @@ def test_dtm_clip_checkpoint_names_the_tower_file_and_imagenet_says_which_teache
     sha = hashlib.sha256(clip.read_bytes()).hexdigest()
     c_args = args + ["--teacher", "clip", "--teacher_ckpt", str(clip)]
     out = run_inprocess("dtm", c_args + ["--max_steps", "3"], tmp_path / "straight", capsys)
-    assert "note:" not in out                                                 # the paper's teacher: nothing to say
+    # the paper's teacher: nothing to say
+    assert "note:" not in out
     run_inprocess("dtm", c_args + ["--max_steps", "2"], tmp_path / "halves", capsys)
     ckpt = load_ckpt(tmp_path / "halves")
-    assert not any(k.startswith("teacher.") for k in ckpt["model"])          # the frozen tower is not saved...
-    assert ckpt["teacher_file"] == {"path": str(clip.resolve()), "sha256": sha}  # ...its file is named instead
+    # the frozen tower is not saved...
+    assert not any(k.startswith("teacher.") for k in ckpt["model"])
+    # ...its file is named instead
+    assert ckpt["teacher_file"] == {"path": str(clip.resolve()), "sha256": sha}
     assert "resumed" in run_inprocess("dtm", c_args + ["--max_steps", "3"], tmp_path / "halves", capsys)
-    assert max_param_diff(load_ckpt(tmp_path / "straight")["model"], load_ckpt(tmp_path / "halves")["model"]) < 1e-6
+    assert max_param_diff(load_ckpt(tmp_path / "straight")["model"],
+                          load_ckpt(tmp_path / "halves")["model"]) < 1e-6
     torch.save(_dtm_openai_state_dict(seed=1), clip)                         # the file changed
     with pytest.raises(SystemExit, match="sha256") as e:
         run_inprocess("dtm", c_args + ["--max_steps", "4"], tmp_path / "halves", capsys)
@@ -2221,13 +2347,15 @@ def test_dtm_overfits_one_batch():
 
 
 def test_dtm_ema_teacher_does_not_collapse_and_probe_features(tmp_path):
+    # in-process: no start-up cost
     dtm.train(dtm.parse_config(TINY + ["--max_steps", "24", "--blr", "0.01", "--warmup_epochs", "0",
-                                       "--vis_every", "24", "--out_dir", str(tmp_path)]))  # in-process: no start-up cost
+                                       "--vis_every", "24", "--out_dir", str(tmp_path)]))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 12 and all(r["tgt_std"] > 0.3 for r in rows), [r["tgt_std"] for r in rows]
     assert rows[-1]["loss"] < rows[0]["loss"] and (tmp_path / "vis_0000024.png").exists()
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    moved = [(ckpt["model"]["teacher." + k] - v).abs().max() for k, v in dtm.Model(_dtm_tiny_cfg()).teacher.state_dict().items()]
+    moved = [(ckpt["model"]["teacher." + k] - v).abs().max()
+             for k, v in dtm.Model(_dtm_tiny_cfg()).teacher.state_dict().items()]
     assert max(moved) > 1e-4  # the EMA teacher followed the student
     enc, rnd = dtm.load_encoder(ckpt), dtm.load_encoder(ckpt, random_init=True)
     x = torch.randn(3, 3, 32, 32)
@@ -2262,8 +2390,8 @@ def test_a2mim_cell_mask_exact_count_alignment_and_official_seed():
     got = set(a2mim.cell_mask(noise, 30)[0].nonzero().flatten().tolist())
     assert got == {2, 4, 5, 7, 8, 10, 11, 13, 15, 16, 17, 18, 20, 22, *range(25, 35), 37, 40, 41, 42, 46, 48}
     pix = a2mim.expand_mask(m, 4)                                          # (6, 16, 16): aligned 4x4 blocks
-    assert torch.equal(pix[:, ::4, ::4].flatten(1), m) and torch.equal(pix, pix[:, ::4, ::4].repeat_interleave(4, 1)
-                                                                       .repeat_interleave(4, 2))
+    assert (torch.equal(pix[:, ::4, ::4].flatten(1), m)
+            and torch.equal(pix, pix[:, ::4, ::4].repeat_interleave(4, 1).repeat_interleave(4, 2)))
 
 
 def test_a2mim_fill_is_per_image_channel_mean_in_hidden_cells_only():
@@ -2275,10 +2403,11 @@ def test_a2mim_fill_is_per_image_channel_mean_in_hidden_cells_only():
         assert torch.equal(y[~pix], x[~pix]) and torch.allclose(y[pix], value[pix])
 
 
-@pytest.mark.parametrize("model,extra,feat_hw,r", [("resnet_micro", [], 8, 1),                 # CIFAR stem, stride 4
-                                                   ("resnet_micro", ["--img_size", "128", "--mask_patch", "32"], 8, 2),
-                                                   ("resnet_micro", ["--mask_layer", "0"], 32, 4),
-                                                   ("vit_pico", ["--patch_size", "2"], 16, 2)])
+@pytest.mark.parametrize("model,extra,feat_hw,r", [
+    ("resnet_micro", [], 8, 1),  # CIFAR stem, stride 4
+    ("resnet_micro", ["--img_size", "128", "--mask_patch", "32"], 8, 2),
+    ("resnet_micro", ["--mask_layer", "0"], 32, 4),
+    ("vit_pico", ["--patch_size", "2"], 16, 2)])
 def test_a2mim_the_cell_mask_reaches_the_injection_grid(model, extra, feat_hw, r, monkeypatch):
     seen = {}
     add, enc = a2mim.add_mask_token, a2mim.vit_encode
@@ -2323,10 +2452,12 @@ def test_a2mim_loss_matches_the_official_values(setting, ref):
 def test_a2mim_focal_l1_values_and_baseline_switch(monkeypatch):
     for e, ref in [(0.5, 0.0249792), (1.0, 0.0996680), (3.0, 0.8739378)]:
         pred, mask = torch.full((1, 3, 1, 1), e), torch.ones(1, 1, 1, 1, dtype=torch.bool)
-        assert a2mim.a2mim_loss(pred, torch.zeros_like(pred), mask, "focal_l1", 0.0)[0].item() == pytest.approx(ref, rel=2e-5)
+        assert (a2mim.a2mim_loss(pred, torch.zeros_like(pred), mask, "focal_l1", 0.0)[0].item()
+                == pytest.approx(ref, rel=2e-5))
     x, y, cells = _a2mim_anchor()
     full = a2mim.a2mim_loss(y, x, a2mim.expand_mask(cells, 16)[:, None], "l1", 0.1)
-    monkeypatch.setattr(a2mim, "focal_frequency_loss", lambda *a: pytest.fail("FFT computed at --freq_weight 0"))
+    monkeypatch.setattr(a2mim, "focal_frequency_loss",
+                        lambda *a: pytest.fail("FFT computed at --freq_weight 0"))
     loss, spa, freq = a2mim.a2mim_loss(y, x, a2mim.expand_mask(cells, 16)[:, None], "l1", 0.0)
     assert loss == spa == full[1] and freq == 0  # --freq_weight 0: spatial loss only, no FFT, logged as 0
 
@@ -2334,7 +2465,8 @@ def test_a2mim_focal_l1_values_and_baseline_switch(monkeypatch):
 def test_a2mim_mask_token_is_added_not_substituted():
     f, mm = torch.randn(2, 6, 4, 4), torch.rand(2, 4, 4) < 0.5
     t, g = torch.randn(1, 6, 1, 1), torch.rand(1, 6, 1, 1)
-    assert torch.equal(a2mim.add_mask_token(f, mm, torch.zeros_like(t), torch.ones_like(g)), f)  # identity gate
+    # identity gate
+    assert torch.equal(a2mim.add_mask_token(f, mm, torch.zeros_like(t), torch.ones_like(g)), f)
     assert torch.equal(a2mim.add_mask_token(f, mm, torch.zeros_like(t)), f)                     # no gate
     out, m = a2mim.add_mask_token(f, mm, t, g), mm[:, None].float()
     assert torch.allclose(out, f * (1 - m) + g * f * m + t * m) and torch.equal(out * (1 - m), f * (1 - m))
@@ -2347,7 +2479,8 @@ def test_a2mim_mask_token_is_added_not_substituted():
     vit.blocks[1].register_forward_pre_hook(lambda mod, inp: got.append(inp[0]))
     a2mim.vit_encode(vit, img, mm, tok, 1), a2mim.vit_encode(vit, img, mm, torch.zeros_like(tok), 1)
     diff = got[0] - got[1]                                                 # (B, 1+N, D)
-    assert diff[:, 0].abs().max() == 0 and torch.allclose(diff[:, 1:], mm.flatten(1)[..., None] * tok, atol=1e-6)
+    assert (diff[:, 0].abs().max() == 0
+            and torch.allclose(diff[:, 1:], mm.flatten(1)[..., None] * tok, atol=1e-6))
     # baseline --fill zero --mask_layer 0 == SimMIM's substitution by a learnable token (bias + token)
     zero = a2mim.fill_cells(img, mm.flatten(1), "zero")
     simmim = vit(zero, mask=mm.flatten(1), mask_token=vit.patch_embed.bias + tok)
@@ -2357,13 +2490,15 @@ def test_a2mim_mask_token_is_added_not_substituted():
 def test_a2mim_presets_pick_the_backbone_recipe():
     r = a2mim.parse_config(["--data", "imagenet"])
     v = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])
-    assert (r.model, r.img_size, r.mask_patch, r.mask_layer, r.spatial_loss, r.freq_weight, r.unmask_weight,
-            r.mask_gamma, r.epochs, r.step_epoch) == ("resnet50", 224, 32, 3, "focal_l1", 0.5, 1e-3, 1e-6, 300, 0)
-    assert (v.patch_size, v.mask_layer, v.spatial_loss, v.freq_weight, v.unmask_weight, v.mask_gamma, v.epochs,
-            v.step_epoch) == (16, 0, "l1", 0.1, 0.0, 0.0, 800, 700)
+    assert ((r.model, r.img_size, r.mask_patch, r.mask_layer, r.spatial_loss, r.freq_weight, r.unmask_weight,
+             r.mask_gamma, r.epochs, r.step_epoch)
+            == ("resnet50", 224, 32, 3, "focal_l1", 0.5, 1e-3, 1e-6, 300, 0))
+    assert (v.patch_size, v.mask_layer, v.spatial_loss, v.freq_weight, v.unmask_weight, v.mask_gamma,
+            v.epochs, v.step_epoch) == (16, 0, "l1", 0.1, 0.0, 0.0, 800, 700)
     assert r.blr * 2048 / 256 == pytest.approx(1.2e-3) and v.blr * 2048 / 256 == pytest.approx(4e-4)
     c = a2mim.parse_config(["--data", "cifar10"])
-    assert (c.model, c.img_size, c.mask_patch, c.blr * 512 / 256) == ("resnet18", 32, 4, pytest.approx(1.2e-3))
+    assert ((c.model, c.img_size, c.mask_patch, c.blr * 512 / 256)
+            == ("resnet18", 32, 4, pytest.approx(1.2e-3)))
     t = a2mim.parse_config(["--data", "cifar10", "--model", "vit_tiny", "--freq_weight", "0"])
     assert (t.freq_weight, t.spatial_loss, t.blr * 512 / 256) == (0, "l1", pytest.approx(5e-4))
 
@@ -2388,8 +2523,9 @@ def test_a2mim_resnet_resume_groups_and_probe(tmp_path, capsys):
     run_inprocess("a2mim", _a2mim_RES + ["--max_steps", "2"], h, capsys)
     assert "resumed" in run_inprocess("a2mim", _a2mim_RES + ["--max_steps", "4"], h, capsys)
     A, B = load_ckpt(s), load_ckpt(h)
-    assert max_param_diff(A["model"], B["model"]) < 1e-6 and torch.equal(A["model"]["encoder.stem.1.running_var"],
-                                                                        B["model"]["encoder.stem.1.running_var"])
+    assert (max_param_diff(A["model"], B["model"]) < 1e-6
+            and torch.equal(A["model"]["encoder.stem.1.running_var"],
+                            B["model"]["encoder.stem.1.running_var"]))
     # mask token + gate (small recipes, as the 100-epoch config): their own group, 0.1x lr, no weight decay
     groups, state = A["optimizer"]["param_groups"], A["optimizer"]["state"]
     tok = [g for g in groups if "lr_scale" in g]
@@ -2397,7 +2533,8 @@ def test_a2mim_resnet_resume_groups_and_probe(tmp_path, capsys):
     assert [state[i]["exp_avg"].shape for i in tok[0]["params"]] == [(1, 128, 1, 1)] * 2
     cfg, lr = a2mim.Config(**A["config"]), 0.01 * 8 / 256                     # the last step was step 3
     total = cfg.epochs * (2000 // 8)
-    assert tok[0]["lr"] == pytest.approx(a2mim.lr_at(cfg, 3, total, 0.1 * lr, 0, 250), rel=1e-9)  # own cosine to 1e-5
+    # own cosine to 1e-5
+    assert tok[0]["lr"] == pytest.approx(a2mim.lr_at(cfg, 3, total, 0.1 * lr, 0, 250), rel=1e-9)
     assert groups[0]["lr"] == pytest.approx(a2mim.lr_at(cfg, 3, total, lr, 0, 250), rel=1e-9)
     enc = a2mim.load_encoder(A)
     assert isinstance(enc[0], a2mim.ResNet) and not enc.training
@@ -2411,7 +2548,8 @@ def test_a2mim_300_epoch_gate_group_and_the_1e5_floor_of_every_group(tmp_path, c
     run_inprocess("a2mim", _a2mim_RES + ["--max_steps", "1", "--gate_like_token", "0"], tmp_path, capsys)
     groups, state = (load_ckpt(tmp_path)["optimizer"][k] for k in ("param_groups", "state"))
     shapes = [[tuple(state[i]["exp_avg"].shape) for i in g["params"]] for g in groups]
-    single = [g for g, sh in zip(groups, shapes) if sh == [(1, 128, 1, 1)]]     # the token's group, the gate's
+    # the token's group, the gate's
+    single = [g for g, sh in zip(groups, shapes) if sh == [(1, 128, 1, 1)]]
     (tok,), (gate,) = [g for g in single if "lr_scale" in g], [g for g in single if "lr_scale" not in g]
     assert (tok["lr_scale"], tok["weight_decay"]) == (0.1, 0.0) and "lr_scale" not in gate
     assert gate["weight_decay"] == 0.05 and gate["lr"] == groups[0]["lr"]       # base lr, decayed
@@ -2419,8 +2557,10 @@ def test_a2mim_300_epoch_gate_group_and_the_1e5_floor_of_every_group(tmp_path, c
     cfg = a2mim.parse_config(["--data", "imagenet"])
     ends = [a2mim.lr_at(cfg, s, 1000, base, 100, 10) for base in (1.2e-3, 1.2e-4) for s in (50, 550, 1000)]
     assert ends == pytest.approx([6e-4, (1.2e-3 + 1e-5) / 2, 1e-5, 6e-5, (1.2e-4 + 1e-5) / 2, 1e-5], rel=1e-9)
-    vit = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])      # step x0.1 at epoch 700 of 800
-    assert [a2mim.lr_at(vit, s, 8000, 4e-4, 100, 10) for s in (6999, 7000, 8000)] == pytest.approx([4e-4, 4e-5, 4e-5])
+    # step x0.1 at epoch 700 of 800
+    vit = a2mim.parse_config(["--data", "imagenet", "--model", "vit_base"])
+    assert ([a2mim.lr_at(vit, s, 8000, 4e-4, 100, 10) for s in (6999, 7000, 8000)]
+            == pytest.approx([4e-4, 4e-5, 4e-5]))
 
 
 def test_a2mim_bad_inputs_are_one_line_errors():
@@ -2441,7 +2581,8 @@ def _extrema_tiny_cfg(**kw):
 
 
 def test_extrema_masks_disjoint_exact_uniform_and_the_fit_error():
-    assert [ex.check_masks(196, 1, r) for r in (0.75, 0.8, 0.85, 0.9)] == [49, 39, 29, 19]  # spec Sec. 3 (floor)
+    # spec Sec. 3 (floor)
+    assert [ex.check_masks(196, 1, r) for r in (0.75, 0.8, 0.85, 0.9)] == [49, 39, 29, 19]
     torch.manual_seed(0)
     B, N, K = 4000, 64, 5
     noise = torch.rand(B, N)
@@ -2470,10 +2611,14 @@ def test_extrema_encoder_attends_only_to_visible_tokens_and_pools_with_the_class
     x = torch.randn(3, 3, 32, 32)
     keep = ex.multi_mask(torch.rand(3, 64), 5, 0.8)
     out = enc(x, keep)
-    assert lens[-1] == (15, 12, 32) and out.shape == (15, 32)                # K*B sequences of 12 tokens, no cls
-    tokens = enc.patch_embed(x).flatten(2).transpose(1, 2) + ex.sincos_pos_embed(32, 8, 8)  # positions before gather
-    torch.testing.assert_close(first[-1], torch.stack([tokens[r % 3, keep[r]] for r in range(15)]))  # row k*B + b
-    assert queries[-1] == (15, 1, 32)                                         # the class token is the only query
+    # K*B sequences of 12 tokens, no cls
+    assert lens[-1] == (15, 12, 32) and out.shape == (15, 32)
+    # positions before gather
+    tokens = enc.patch_embed(x).flatten(2).transpose(1, 2) + ex.sincos_pos_embed(32, 8, 8)
+    # row k*B + b
+    torch.testing.assert_close(first[-1], torch.stack([tokens[r % 3, keep[r]] for r in range(15)]))
+    # the class token is the only query
+    assert queries[-1] == (15, 1, 32)
     enc(x)
     assert lens[-1] == (3, 64, 32)                                            # the target view: all tokens
     # reference: trunk tokens stay fixed, each CA block = explicit softmax with the class token as only query
@@ -2513,7 +2658,8 @@ def test_extrema_loss_target_gradient_ema_and_schedules():
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in target.parameters())
     assert all(p.grad is not None for p in model.parameters()) and set(stats) == {"mask_cos", "z_std"}
-    # collapse stat: 0 for a constant target, about 1/sqrt(C) for spread-out targets; no mask_cos with one mask
+    # collapse stat: 0 for a constant target, about 1/sqrt(C) for spread-out targets;
+    # no mask_cos with one mask
     one = ex.Model(_extrema_tiny_cfg(proj_hidden=64, proj_dim=16, num_masks=1))
     assert set(one(x, zt)[1]) == {"z_std"} and one(x, zt[:1].repeat(2, 1))[1]["z_std"] < 1e-6
     assert abs(model(torch.randn(256, 3, 32, 32), torch.randn(256, 16))[1]["z_std"] - 16 ** -0.5) < 0.01
@@ -2547,7 +2693,8 @@ def test_extrema_views_share_crop_and_flip_but_not_colour():
         v1, v2 = tf(img)
         corr_same.append(np.corrcoef(v1[0].flatten(), v2[0].flatten())[0, 1])
         differ += not torch.allclose(v1, v2, atol=1e-3)
-        w1, w2 = tf(img)[0], tf(img)[0]                                        # two separate crops, for contrast
+        # two separate crops, for contrast
+        w1, w2 = tf(img)[0], tf(img)[0]
         corr_indep.append(np.corrcoef(w1[0].flatten(), w2[0].flatten())[0, 1])
     assert min(corr_same) > 0.95 and np.median(corr_indep) < 0.6              # same geometry, unlike 2 crops
     assert differ >= 8                                                         # colours drawn per view
@@ -2574,9 +2721,10 @@ def test_extrema_overfits_one_fixed_batch():
 def _extrema_resumed(tmp_path_factory):
     """4 steps straight vs 2 + resume + 2, in this process (the subprocess contract is tested generically)."""
     a, b = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("halves")
-    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=a, vis_every=4, color_aug=0))  # the default path runs in the
-    ex.train(_extrema_tiny_cfg(max_steps=2, out_dir=b, color_aug=0))               # shared tests; here one tensor
-    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=b, color_aug=0))               # feeds both branches
+    # the default path runs in the shared tests; here one tensor feeds both branches
+    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=a, vis_every=4, color_aug=0))
+    ex.train(_extrema_tiny_cfg(max_steps=2, out_dir=b, color_aug=0))
+    ex.train(_extrema_tiny_cfg(max_steps=4, out_dir=b, color_aug=0))
     return a, b
 
 
@@ -2585,7 +2733,8 @@ def test_extrema_resume_is_equivalent(_extrema_resumed):
     assert a["step"] == b["step"] == 4 and a["method"] == "extrema"
     assert max_param_diff(a["model"], b["model"]) < 1e-5 and max_param_diff(a["target"], b["target"]) < 1e-5
     online = {k[len("encoder."):]: v for k, v in a["model"].items() if k.startswith("encoder.")}
-    assert max_param_diff(a["target"], online) > 0                            # the target really is a lagging copy
+    # the target really is a lagging copy
+    assert max_param_diff(a["target"], online) > 0
     assert os.path.exists(os.path.join(_extrema_resumed[0], "vis_0000004.png"))
     assert "resumed from" in open(os.path.join(_extrema_resumed[1], "log.txt")).read()
 
