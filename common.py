@@ -1330,8 +1330,9 @@ def probe(encoder, data, data_dir, img_size, device="cpu", batch_size=256, num_w
                                                     img_size=img_size), tf, **kw)
         te_f, te_y = extract(encoder, build_dataset(data, data_dir, score, synthetic_size=synthetic_size,
                                                     img_size=img_size), tf, **kw)
-        if cache and world_info()[0] == 0:
-            torch.save((tr_f, tr_y, te_f, te_y), cache)
+        if cache and world_info()[0] == 0:  # written whole or not at all: a kill mid-save leaves no cache
+            torch.save((tr_f, tr_y, te_f, te_y), cache + ".tmp")
+            os.replace(cache + ".tmp", cache)
     C = DATASETS[data][1] or int(tr_y.max()) + 1
     lin, lr = linear_probe(tr_f, tr_y, te_f, te_y, epochs=epochs, num_classes=C)
     return {"linear_top1": lin, "linear_lr": lr, "knn_top1": knn(tr_f, tr_y, te_f, te_y, num_classes=C),

@@ -18,6 +18,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -652,6 +653,65 @@ def test_study_runs_end_to_end_and_writes_the_table_and_the_plot(tmp_path):
     finally:
         amt._stop_signal.clear()
     assert load_ckpt(out)["step"] == 1 and not list(out.glob("probe_*"))
+
+
+# a worker of the study in miniature: marks its start, and its SIGTERM (exit 3), in its folder
+_STUDY_WORKER = """import pathlib, signal, sys, time
+d = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *a: (d.joinpath("term").write_text("1"), sys.exit(3)))
+if len(sys.argv) > 2:
+    sys.path.insert(0, sys.argv[2]); import study; study.die_with_parent()
+d.joinpath("started").write_text("1")
+time.sleep(60)
+"""
+
+
+def _wait_for(paths, timeout=30):
+    t0 = time.time()
+    while not all(p.exists() for p in paths):
+        assert time.time() - t0 < timeout, f"none of {paths} after {timeout} s"
+        time.sleep(0.02)
+
+
+def test_study_passes_sigterm_to_its_workers_and_starts_no_other(tmp_path):
+    """SIGTERM to the study reaches both running workers, the third never starts, the handler is put back;
+    a worker whose study is killed with SIGKILL gets SIGTERM from the kernel."""
+    import importlib.util
+    import threading
+    spec = importlib.util.spec_from_file_location("study", os.path.join(HERE, "results", "study.py"))
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    dirs = [tmp_path / f"j{i}" for i in range(3)]
+    jobs = [dict(name=d.name, dir=str(d), cmd=[sys.executable, "-c", _STUDY_WORKER, str(d)]) for d in dirs]
+
+    def stop_when_both_run():
+        _wait_for([d / "started" for d in dirs[:2]])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=stop_when_both_run, daemon=True).start()
+    t0 = time.time()
+    try:
+        failed = study.run_all(jobs, parallel=2)
+    finally:
+        for p in list(study.LIVE):
+            p.kill()
+    assert time.time() - t0 < 30 and failed == ["j0", "j1", "j2"] and study.STOP == [signal.SIGTERM]
+    assert [(d / "term").exists() for d in dirs] == [True, True, False] and not (dirs[2] / "started").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+    # the study killed outright: its worker (die_with_parent) is told by the kernel
+    d = tmp_path / "orphan"
+    d.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time; os.environ['STUDY_PID'] = str(os.getpid()); "
+        f"subprocess.Popen([sys.executable, '-c', {_STUDY_WORKER!r}, {str(d)!r}, "
+        f"{os.path.join(HERE, 'results')!r}]); time.sleep(60)")])
+    try:
+        _wait_for([d / "started"])
+        parent.kill()
+        _wait_for([d / "term"], timeout=10)
+    finally:
+        parent.kill()
 
 
 # ----------------------------------------------------------------------------

@@ -15,6 +15,9 @@ this script does not know go to every training run unchanged. Each run lives in 
 --split (test by default; val for choices) and, for the first run of a method, its random-init encoder.
 --parallel K keeps K workers going at once; they share the visible GPUs (CUDA_VISIBLE_DEVICES is passed on
 unchanged). A rerun resumes unfinished runs, skips finished ones and probes again (features are cached).
+SIGTERM or Ctrl-C to the study reaches every running worker (the runs save a checkpoint and stop, a probe
+stops at once), starts no other, and ends the study with exit 1 and no table; a worker whose study is
+killed outright gets SIGTERM from the kernel (Linux), so no run trains on unwatched.
 Standard library + torch/numpy/PIL.
 """
 import argparse
@@ -27,8 +30,10 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -135,6 +140,8 @@ def worker(spec):
         mod.train(mod.parse_config(spec["train"]))
         if mod._stop_signal:  # SIGTERM: the run saved and stopped early; a rerun resumes it, probes then
             raise SystemExit("error: stopped by SIGTERM before the end; run the same study command to resume")
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # probes hold nothing a rerun needs: stop at once
     else:  # raw pixels: the probe, and the online kNN's number on its own bank and queries for the plot
         import torch
         import common
@@ -148,14 +155,43 @@ def worker(spec):
         eval_linear.main(argv)
 
 
+LIVE = set()   # the worker processes running now
+STOP = []      # the signal that stops the study, once one came
+
+
+def on_stop_signal(signum, frame):
+    """SIGTERM / SIGINT: pass SIGTERM on to every running worker and start no new one."""
+    STOP.append(signum)
+    for p in list(LIVE):
+        p.send_signal(signal.SIGTERM)
+
+
+def die_with_parent():
+    """First thing in a worker (Linux): SIGTERM when the study's process ends, even by kill -9
+    (PR_SET_PDEATHSIG = 1), so the run saves and stops instead of training on unwatched."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+        if os.getppid() != int(os.environ.get("STUDY_PID", os.getppid())):  # it ended before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def launch(job):
-    """One worker subprocess; its stdout and stderr go to <dir>/stdout.txt. Returns (job, rc, seconds)."""
+    """One worker subprocess (job["cmd"], by default this file as a worker of job["spec"]); its stdout and
+    stderr go to <dir>/stdout.txt. Returns (job, rc, seconds); rc None: not started, the study is stopping."""
+    if STOP:
+        return job, None, 0.0
     os.makedirs(job["dir"], exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", STUDY_PID=str(os.getpid()))
+    cmd = job.get("cmd") or [sys.executable, os.path.abspath(__file__), "_worker", json.dumps(job["spec"])]
     t0 = time.time()
     with open(os.path.join(job["dir"], "stdout.txt"), "a") as out:
-        rc = subprocess.call([sys.executable, os.path.abspath(__file__), "_worker", json.dumps(job["spec"])],
-                             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        LIVE.add(p)
+        if STOP:  # the signal came while it started
+            p.send_signal(signal.SIGTERM)
+        rc = p.wait()
+        LIVE.discard(p)
     return job, rc, time.time() - t0
 
 
@@ -173,16 +209,25 @@ def launch_here(job):
 
 
 def run_all(jobs, parallel):
-    """Runs the workers, `parallel` at once, and prints one line as each ends. Returns the failed ones."""
+    """Runs the workers, `parallel` at once, and prints one line as each ends. Returns the failed ones
+    (those a stop signal kept from starting included). With parallel > 0, SIGTERM and SIGINT stop the
+    workers (on_stop_signal) while it runs; --parallel 0 leaves them to the run in this process."""
     if parallel and "OMP_NUM_THREADS" not in os.environ:  # K processes x all cores would thrash the CPU
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     failed, t0 = [], time.time()
-    with ThreadPoolExecutor(max(1, parallel)) as pool:
-        for job, rc, secs in (pool.map(launch, jobs) if parallel else map(launch_here, jobs)):
-            status = "ok" if rc == 0 else f"FAILED (exit {rc}), see {os.path.join(job['dir'], 'stdout.txt')}"
-            print(f"[{time.time() - t0:6.0f} s] {job['name']}: {status} ({secs:.0f} s)", flush=True)
-            if rc != 0:
-                failed.append(job["name"])
+    STOP.clear()
+    before = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)} if parallel else {}
+    try:
+        with ThreadPoolExecutor(max(1, parallel)) as pool:
+            for job, rc, secs in (pool.map(launch, jobs) if parallel else map(launch_here, jobs)):
+                status = ("ok" if rc == 0 else "not started (stopping)" if rc is None else
+                          f"FAILED (exit {rc}), see {os.path.join(job['dir'], 'stdout.txt')}")
+                print(f"[{time.time() - t0:6.0f} s] {job['name']}: {status} ({secs:.0f} s)", flush=True)
+                if rc != 0:
+                    failed.append(job["name"])
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
     return failed
 
 
@@ -430,6 +475,10 @@ def main(argv=None):
           f"logs in {runs_dir}", flush=True)
     t0 = time.time()
     failed = run_all(jobs, args.parallel)
+    if STOP:
+        print(f"stopped by a signal: the runs saved a checkpoint; run the same command to resume "
+              f"({len(failed)} job(s) unfinished)", flush=True)
+        return 1
     results = [read_run(r, args.data, args.split) for r in runs]
     tag = args.data + ("_val" if args.split == "val" else "")
     raw = {k: (json.load(open(p)) if os.path.isfile(p) else None)
@@ -446,6 +495,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_worker"]:
+        die_with_parent()
         worker(json.loads(sys.argv[2]))
     else:
         sys.exit(main())
